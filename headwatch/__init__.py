@@ -1,0 +1,1 @@
+"""headwatch: the command line and the applications built on the collector and the exporter."""
