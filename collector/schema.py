@@ -17,7 +17,6 @@ This module imports pydantic and numpy only: the exporter imports it without tor
 from __future__ import annotations
 
 import json
-import math
 import struct
 import zlib
 from collections.abc import Mapping
