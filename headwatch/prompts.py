@@ -196,7 +196,7 @@ class PromptMaker:
                 f"expected context_tokens large enough for the needle, got {context_tokens}"
             )
         hay = self._hay(hay_len, rng)
-        cut = int(round(depth * hay_len))
+        cut = round(depth * hay_len)
         ids = prefix + hay[:cut] + fact_ids + hay[cut:] + question_ids
         start = len(prefix) + cut
         return Prompt(

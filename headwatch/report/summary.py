@@ -5,9 +5,8 @@ Usage:
     summary.stats["entropy_nats"]   # (num_layers, num_query_heads) mean over the messages
     summary.patterns                # (num_layers, num_query_heads) pattern names
 
-Pure numpy. Pattern labels and verdicts come from the exporter's aggregation when the caller
-passes them (the demo and `analyze` fold the same messages through it); `classify_local` and
-`verdicts_local` below apply the study's thresholds for callers that do not.
+Pure numpy. Patterns and verdicts use the exporter's own rules (exporter.patterns,
+exporter.verdicts), so the table a research run prints agrees with what a running exporter says.
 """
 
 from __future__ import annotations
@@ -18,17 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from collector.schema import HeadStatsMessage
+from exporter.patterns import PATTERNS, PatternInputs, PatternThresholds, classify, dominant
+from exporter.verdicts import VerdictPolicy, eviction_quantiles, kv_head_safe, update_safe
+from exporter.window import EVICTION_BINS, eviction_bin
 from headwatch.report.errors import HeadwatchToolError
 
-PATTERNS = (
-    "uniform",
-    "v_shaped",
-    "sink",
-    "recency",
-    "scattered_middle",
-    "concentrated_middle",
-    "mixed",
-)
 SUMMARY_STATS = (
     "entropy_nats",
     "normalized_entropy",
@@ -41,10 +34,9 @@ SUMMARY_STATS = (
     "keys_for_90pct",
     "eviction_error",
 )
-# Verdict bound on the p95 of the value-aware eviction error: a head is safe when dropping its
-# middle keys moves its output by less than 5% of its norm on 95% of the sampled rows.
-DEFAULT_ERROR_BOUND = 0.05
-EVICTION_QUANTILE = 0.95
+# Few samples make the exporter's upper confidence bound conservative (below about 20 samples it
+# is the largest error seen), so one-off analyses need no minimum count of their own.
+ANALYSIS_POLICY = VerdictPolicy(min_samples=1)
 
 
 @dataclass(frozen=True)
@@ -92,65 +84,59 @@ def stack_stats(messages: Sequence[HeadStatsMessage]) -> dict[str, np.ndarray]:
     return {name: np.stack([m.stat(name) for m in messages]) for name in SUMMARY_STATS}
 
 
-def classify_local(stats: dict[str, np.ndarray]) -> np.ndarray:
-    """Return the study's pattern of each entry of per-head statistic arrays (any equal shape).
+def classify_rows(stacked: dict[str, np.ndarray], thresholds: PatternThresholds) -> np.ndarray:
+    """Return the exporter's pattern code of every sampled row: int8 (messages, layers, heads)."""
+    inputs = PatternInputs(
+        entropy_nats=stacked["entropy_nats"],
+        normalized_entropy=stacked["normalized_entropy"],
+        sink_mass=stacked["sink_mass"],
+        recent_mass=stacked["recent_mass"],
+        middle_mass=stacked["middle_mass"],
+        top_mass={k: stacked[f"top{k}_mass"] for k in (1, 16, 256)},
+    )
+    return classify(inputs, thresholds)
 
-    Thresholds from the study's table: uniform at >= 90% of the maximum entropy; sink or recency
-    when one region holds >= 80% of the mass; V-shaped when sink + recent hold >= 80% and each at
-    least 10%; middle patterns when the middle holds >= 50%, concentrated below 2 nats (about 8
-    tokens), scattered above.
+
+def head_patterns(codes: np.ndarray, dominance: float) -> np.ndarray:
+    """Return each head's pattern name from per-row codes (messages, layers, heads), as the exporter does."""
+    counts = np.stack([(codes == i).sum(axis=0) for i in range(len(PATTERNS))], axis=-1)
+    return np.asarray(PATTERNS, dtype=object)[dominant(counts, dominance)]
+
+
+def head_verdicts(
+    errors: np.ndarray, num_kv_heads: int, policy: VerdictPolicy
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (p95, safe query heads, safe KV heads) from eviction errors (messages, layers, heads).
+
+    The exporter's rule: an upper confidence bound of the p95 under the entry bound, with the
+    policy's minimum sample count; with few samples the bound is the largest error seen.
     """
-    norm, sink, recent = stats["normalized_entropy"], stats["sink_mass"], stats["recent_mass"]
-    middle, entropy = stats["middle_mass"], stats["entropy_nats"]
-    out = np.full(norm.shape, "mixed", dtype=object)
-    rules = [
-        (norm >= 0.9, "uniform"),
-        (sink >= 0.8, "sink"),
-        (recent >= 0.8, "recency"),
-        ((sink + recent >= 0.8) & (sink >= 0.1) & (recent >= 0.1), "v_shaped"),
-        ((middle >= 0.5) & (entropy < 2.0), "concentrated_middle"),
-        (middle >= 0.5, "scattered_middle"),
-    ]
-    assigned = np.zeros(norm.shape, dtype=bool)
-    for mask, name in rules:
-        take = np.nan_to_num(mask, nan=0).astype(bool) & ~assigned
-        out[take] = name
-        assigned |= take
-    return out
-
-
-def majority_patterns(per_message: np.ndarray) -> np.ndarray:
-    """Return the most frequent label over axis 0 of (messages, layers, heads) labels."""
-    counts = np.stack([(per_message == p).sum(axis=0) for p in PATTERNS])
-    return np.asarray(PATTERNS, dtype=object)[counts.argmax(axis=0)]
-
-
-def verdicts_local(
-    p95: np.ndarray, num_kv_heads: int, bound: float = DEFAULT_ERROR_BOUND
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return (safe query heads, safe KV heads): p95 eviction error under `bound`, all heads of a KV head."""
-    safe_q = np.nan_to_num(p95, nan=np.inf) <= bound
-    layers, heads = safe_q.shape
-    safe_kv = safe_q.reshape(layers, num_kv_heads, heads // num_kv_heads).all(axis=2)
-    return safe_q, safe_kv
+    valid = np.isfinite(errors)
+    bins = eviction_bin(errors)
+    hist = np.stack([((bins == b) & valid).sum(axis=0) for b in range(EVICTION_BINS)], axis=-1)
+    point, upper = eviction_quantiles(hist, policy)
+    safe_q = update_safe(np.zeros(point.shape, dtype=bool), upper, valid.sum(axis=0), policy)
+    return point, safe_q, kv_head_safe(safe_q, num_kv_heads)
 
 
 def summarize(
     messages: Sequence[HeadStatsMessage],
-    patterns: np.ndarray | None = None,
+    thresholds: PatternThresholds | None = None,
+    policy: VerdictPolicy = ANALYSIS_POLICY,
     safe_kv_heads: np.ndarray | None = None,
-    verdict_source: str = "local",
-    error_bound: float = DEFAULT_ERROR_BOUND,
+    verdict_source: str = "exporter rules on these samples",
 ) -> HeadSummary:
-    """Return the per-head summary of `messages`; labels and verdicts computed locally unless given."""
+    """Return the per-head summary of `messages` with the exporter's patterns and verdicts.
+
+    `safe_kv_heads` (layers, kv_heads), when given, replaces the verdicts (e.g. a running exporter's).
+    """
+    thresholds = thresholds or PatternThresholds()
     stacked = stack_stats(messages)
     with np.errstate(all="ignore"):
         means = {k: np.nanmean(v, axis=0) for k, v in stacked.items()}
-        p95 = np.nanquantile(stacked["eviction_error"], EVICTION_QUANTILE, axis=0)
     h = messages[0].header
-    if patterns is None:
-        patterns = majority_patterns(classify_local(stacked))
-    safe_q, safe_kv = verdicts_local(p95, h.num_kv_heads, error_bound)
+    patterns = head_patterns(classify_rows(stacked, thresholds), thresholds.dominance)
+    p95, safe_q, safe_kv = head_verdicts(stacked["eviction_error"], h.num_kv_heads, policy)
     if safe_kv_heads is not None:
         if safe_kv_heads.shape != safe_kv.shape:
             raise HeadwatchToolError(

@@ -16,7 +16,7 @@ from headwatch.report.data import read_summary_json, write_summary_json
 from headwatch.report.errors import ReportError
 from headwatch.report.figures import heatmaps, pattern_rows, representative_heads
 from headwatch.report.html import INDEX, staged_report, write_index
-from headwatch.report.summary import classify_local, summarize
+from headwatch.report.summary import ANALYSIS_POLICY, head_patterns, head_verdicts, summarize
 from headwatch.report.table import layer_ranges, markdown_table, pattern_map_text, study_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -109,13 +109,17 @@ def test_verdicts_mark_kv_head_safe_only_when_all_its_query_heads_are(summary) -
     assert summary.safe_kv_heads[0].tolist() == [False, False]
 
 
-def test_classify_local_leaves_unmatched_heads_mixed() -> None:
-    stats = {
-        k: np.array([0.3])
-        for k in ("normalized_entropy", "sink_mass", "recent_mass", "middle_mass")
-    }
-    stats["entropy_nats"] = np.array([1.0])
-    assert classify_local(stats).tolist() == ["mixed"]
+def test_head_without_a_dominant_label_is_mixed() -> None:
+    codes = np.array([0, 1, 2, 3], dtype=np.int8).reshape(4, 1, 1)  # four labels, none >= 50%
+    assert head_patterns(codes, dominance=0.5).tolist() == [["mixed"]]
+
+
+def test_verdict_needs_every_sample_under_the_bound_when_samples_are_few() -> None:
+    errors = np.array([0.01, 0.02, 0.2]).reshape(3, 1, 1)
+    _, safe_q, _ = head_verdicts(errors, 1, ANALYSIS_POLICY)
+    assert not safe_q.any()
+    _, safe_q, _ = head_verdicts(errors[:2], 1, ANALYSIS_POLICY)
+    assert safe_q.all()
 
 
 def test_study_table_has_one_row_per_pattern_with_shares(summary) -> None:  # type: ignore[no-untyped-def]
@@ -179,7 +183,7 @@ def test_interrupted_report_leaves_nothing_that_looks_complete(tmp_path: Path) -
 
 def test_report_without_index_is_not_renamed_into_place(tmp_path: Path) -> None:
     final = tmp_path / "report"
-    with pytest.raises(ReportError, match="index.html"), staged_report(final):
+    with pytest.raises(ReportError, match=r"index\.html"), staged_report(final):
         pass
     assert not final.exists()
 
