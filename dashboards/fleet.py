@@ -15,6 +15,7 @@ from dashboards.panels import (
     label_variable,
     query,
     stat_panel,
+    thresholds,
     timeseries_panel,
 )
 from dashboards.recording import CONTEXT_BUCKET_RATE, MESSAGES_RATE, SAFE_RATIO
@@ -37,6 +38,7 @@ def _context_heatmap() -> heatmap.Panel:
         .color(heatmap.HeatmapColorOptions().scheme("Oranges").mode(hm.HeatmapColorMode.SCHEME))
         .cell_values(heatmap.CellValues().unit("reqps"))
         .show_value(cm.VisibilityMode.NEVER)
+        .thresholds(thresholds([(None, "text")]))
         .no_value(NO_DATA)
         .span(12)
         .height(8)

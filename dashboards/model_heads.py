@@ -136,6 +136,19 @@ def _drift_table() -> table.Panel:
             "drifted since", [dm.DynamicConfigValue(id_val="unit", value="dateTimeAsIso")]
         )
         .override_by_name("p-value", [dm.DynamicConfigValue(id_val="unit", value="sci")])
+        .override_by_name(
+            "drifted",
+            [
+                dm.DynamicConfigValue(id_val="custom.cellOptions", value={"type": "color-text"}),
+                dm.DynamicConfigValue(
+                    id_val="thresholds",
+                    value={
+                        "mode": "absolute",
+                        "steps": [{"value": None, "color": "yellow"}, {"value": 1, "color": "red"}],
+                    },
+                ),
+            ],
+        )
         .data_links([db.DashboardLink("Head detail").url(HEAD_DETAIL_LINK)])
     )
 

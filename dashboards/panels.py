@@ -197,6 +197,7 @@ def table_panel(
         .description(intent)
         .datasource(DATASOURCE)
         .targets(list(targets))
+        .thresholds(thresholds([(None, "text")]))
         .no_value(NO_DATA)
         .cell_height(cm.TableCellHeight.SM)
         .span(width)
