@@ -1,0 +1,292 @@
+"""`headwatch policy`: write a per-KV-head compression policy from verdicts or an analysis.
+
+Usage:
+    headwatch policy --from-analysis reports/analyze-x/heads.json --out policy/
+    headwatch policy --from-metrics http://127.0.0.1:9464/metrics --model-name tiny --out policy/
+
+Writes `policy.json` (format `headwatch.kv-policy.v1`, docs/policy-format.md) and, under
+`duo_attention/`, the head-pattern files DuoAttention and kvpress's DuoAttentionPress read:
+`config.json` (`sink_size`, `recent_size`) and `full_attention_heads.tsv` (one row per layer,
+one tab-separated score per KV head in [0, 1]; low = streaming head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headwatch.report.data import read_summary_json
+from headwatch.report.errors import HeadwatchToolError, PolicyError
+from headwatch.report.summary import HeadSummary
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "headwatch.kv-policy.v1"
+DUO_DIR = "duo_attention"
+SAFE_METRIC = "headwatch_kv_head_safe_to_compress"
+ERROR_METRIC = "headwatch_head_eviction_error_ratio"
+DEFAULT_SINK_TOKENS = 4  # as in StreamingLLM
+
+
+@dataclass(frozen=True)
+class KvPolicy:
+    """Which KV heads keep only their sink + recent keys; `error` is the worst p95 of its query heads."""
+
+    model_name: str
+    sink_tokens: int
+    recent_tokens: int
+    streaming: np.ndarray  # bool (layers, kv_heads): True = keep only sink + recent
+    error: np.ndarray  # float (layers, kv_heads), NaN where unknown
+    source: str
+    error_bound: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.streaming.ndim != 2 or self.streaming.shape != self.error.shape:
+            raise PolicyError(
+                f"expected streaming and error arrays of one (layers, kv_heads) shape, "
+                f"got {self.streaming.shape} and {self.error.shape}"
+            )
+        if self.sink_tokens < 0 or self.recent_tokens < 1:
+            raise PolicyError(
+                f"expected sink_tokens >= 0 and recent_tokens >= 1, "
+                f"got {self.sink_tokens} and {self.recent_tokens}"
+            )
+
+    @property
+    def streaming_share(self) -> float:
+        """Return the share of KV heads that keep only sink + recent."""
+        return float(self.streaming.mean())
+
+    def duo_scores(self) -> np.ndarray:
+        """Return DuoAttention scores (layers, kv_heads): streaming heads below 0.5, others above.
+
+        kvpress turns the `round(n * head_compression_ratio)` lowest scores into streaming heads,
+        so with `head_compression_ratio = streaming_share` it picks exactly this policy's heads,
+        and with a smaller ratio the safest of them first (score grows with the measured error).
+        """
+        err = np.nan_to_num(self.error, nan=1.0)
+        safe_score = 0.499 * np.clip(err / self.error_bound, 0.0, 1.0)
+        full_score = 0.5 + 0.5 * np.clip(err, 0.0, 1.0)
+        return np.where(self.streaming, safe_score, full_score)
+
+
+def from_summary(summary: HeadSummary, bound: float = 0.05) -> KvPolicy:
+    """Return the policy of an analysis: its safe KV heads stream, with its S and R."""
+    group = summary.group
+    p95 = summary.eviction_error_p95.reshape(summary.num_layers, summary.num_kv_heads, group)
+    with np.errstate(all="ignore"):
+        worst = np.where(np.isnan(p95).all(axis=2), np.nan, np.nanmax(p95, axis=2))
+    return KvPolicy(
+        model_name=summary.model_name,
+        sink_tokens=summary.sink_tokens,
+        recent_tokens=summary.recent_tokens,
+        streaming=summary.safe_kv_heads.copy(),
+        error=worst,
+        source=f"analysis ({summary.samples} sampled rows; verdicts: {summary.verdict_source})",
+        error_bound=bound,
+    )
+
+
+def from_metrics_text(
+    text: str, model_name: str | None, sink_tokens: int, recent_tokens: int, where: str
+) -> KvPolicy:
+    """Return the policy in an exporter's /metrics exposition for one model."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    safe: dict[tuple[str, int, int], float] = {}
+    errors: dict[tuple[str, int, int], float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name not in (SAFE_METRIC, ERROR_METRIC):
+                    continue
+                lab = sample.labels
+                layer = int(lab["layer"])
+                kv = int(lab["kv_head"])
+                key = (lab.get("model_name", ""), layer, kv)
+                if sample.name == SAFE_METRIC:
+                    safe[key] = sample.value
+                else:
+                    errors[key] = max(errors.get(key, -math.inf), sample.value)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PolicyError(f"expected Prometheus text exposition from {where}, got {exc!r}") from exc
+    models = sorted({k[0] for k in safe})
+    if not models:
+        raise PolicyError(f"expected {SAFE_METRIC} series at {where}, got none")
+    if model_name is None:
+        if len(models) > 1:
+            raise PolicyError(f"expected one model at {where} or --model-name, got {models}")
+        model_name = models[0]
+    if model_name not in models:
+        raise PolicyError(f"expected model_name {model_name!r} at {where}, got {models}")
+    keys = [k for k in safe if k[0] == model_name]
+    layers = max(k[1] for k in keys) + 1
+    kv_heads = max(k[2] for k in keys) + 1
+    streaming = np.zeros((layers, kv_heads), dtype=bool)
+    error = np.full((layers, kv_heads), np.nan)
+    for _, layer, kv in keys:
+        streaming[layer, kv] = safe[(model_name, layer, kv)] >= 0.5
+        error[layer, kv] = errors.get((model_name, layer, kv), np.nan)
+    return KvPolicy(
+        model_name, sink_tokens, recent_tokens, streaming, error, f"exporter metrics at {where}"
+    )
+
+
+def fetch_metrics(url: str, timeout_seconds: float = 10.0) -> str:
+    """Return the body of an exporter's /metrics endpoint."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_seconds) as response:
+            return str(response.read().decode("utf-8"))
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise PolicyError(f"expected an exporter /metrics endpoint at {url}, got {exc}") from exc
+
+
+def to_dict(policy: KvPolicy) -> dict[str, Any]:
+    """Return the `headwatch.kv-policy.v1` document of a policy."""
+    layers, kv_heads = policy.streaming.shape
+    return {
+        "format": FORMAT,
+        "model_name": policy.model_name,
+        "created_timestamp_seconds": round(time.time(), 3),
+        "source": policy.source,
+        "sink_tokens": policy.sink_tokens,
+        "recent_tokens": policy.recent_tokens,
+        "num_layers": layers,
+        "num_kv_heads": kv_heads,
+        "eviction_error_bound": policy.error_bound,
+        "streaming_share": round(policy.streaming_share, 6),
+        "kv_heads": [
+            {
+                "layer": layer,
+                "kv_head": kv,
+                "keep": "sink_recent" if policy.streaming[layer, kv] else "all",
+                "eviction_error_p95": None
+                if math.isnan(policy.error[layer, kv])
+                else round(float(policy.error[layer, kv]), 6),
+            }
+            for layer in range(layers)
+            for kv in range(kv_heads)
+        ],
+    }
+
+
+def write_policy(policy: KvPolicy, out: Path) -> list[Path]:
+    """Write policy.json and the DuoAttention pattern folder under `out`; return the files."""
+    duo = out / DUO_DIR
+    duo.mkdir(parents=True, exist_ok=True)
+    files = [out / "policy.json", duo / "config.json", duo / "full_attention_heads.tsv"]
+    files[0].write_text(json.dumps(to_dict(policy), indent=1) + "\n", encoding="utf-8")
+    config = {
+        "sink_size": policy.sink_tokens,
+        "recent_size": policy.recent_tokens,
+        "head_compression_ratio": round(policy.streaming_share, 6),
+        "source": f"headwatch {FORMAT}: {policy.source}",
+    }
+    files[1].write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+    rows = ["\t".join(f"{v:.6f}" for v in row) for row in policy.duo_scores()]
+    files[2].write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return files
+
+
+def read_policy(path: Path) -> KvPolicy:
+    """Return the policy stored in a `headwatch.kv-policy.v1` file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PolicyError(f"expected a policy JSON at {path}, got {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise PolicyError(
+            f"expected format {FORMAT!r} in {path}, got {data.get('format') if isinstance(data, dict) else data!r}"
+        )
+    shape = (int(data["num_layers"]), int(data["num_kv_heads"]))
+    streaming = np.zeros(shape, dtype=bool)
+    error = np.full(shape, np.nan)
+    for item in data["kv_heads"]:
+        at = (int(item["layer"]), int(item["kv_head"]))
+        streaming[at] = item["keep"] == "sink_recent"
+        if item.get("eviction_error_p95") is not None:
+            error[at] = float(item["eviction_error_p95"])
+    return KvPolicy(
+        str(data["model_name"]),
+        int(data["sink_tokens"]),
+        int(data["recent_tokens"]),
+        streaming,
+        error,
+        str(data["source"]),
+        float(data["eviction_error_bound"]),
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="headwatch policy", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--from-analysis",
+        type=Path,
+        metavar="JSON",
+        help="heads.json of `headwatch analyze` or the demo",
+    )
+    src.add_argument("--from-metrics", metavar="URL", help="an exporter's /metrics URL")
+    p.add_argument(
+        "--model-name", help="model_name label to take from /metrics (needed if several)"
+    )
+    p.add_argument(
+        "--sink-tokens",
+        type=int,
+        default=DEFAULT_SINK_TOKENS,
+        help="S for --from-metrics (default 4)",
+    )
+    p.add_argument(
+        "--recent-tokens",
+        type=int,
+        default=None,
+        help="R for --from-metrics (the collector's setting)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder to write policy.json and duo_attention/ into",
+    )
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """Run `headwatch policy`; return the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.from_analysis is not None:
+            policy = from_summary(read_summary_json(args.from_analysis))
+        else:
+            if args.recent_tokens is None:
+                raise PolicyError(
+                    "expected --recent-tokens with --from-metrics (the collector's R), got none"
+                )
+            text = fetch_metrics(args.from_metrics)
+            policy = from_metrics_text(
+                text, args.model_name, args.sink_tokens, args.recent_tokens, args.from_metrics
+            )
+        files = write_policy(policy, args.out)
+    except HeadwatchToolError as exc:
+        print(f"headwatch policy: {exc}", file=sys.stderr)
+        return 2
+    layers, kv = policy.streaming.shape
+    print(
+        f"{int(policy.streaming.sum())} of {layers * kv} KV heads keep only sink {policy.sink_tokens} "
+        f"+ recent {policy.recent_tokens} ({policy.streaming_share:.0%})"
+    )
+    for f in files:
+        print(f"wrote {f}")
+    return 0
