@@ -51,7 +51,7 @@ def test_promtool_rule_unit_tests_pass() -> None:
 
 
 def _tested_alerts() -> set[str]:
-    names = set()
+    names: set[str] = set()
     for path in RULE_TESTS:
         for group in yaml.safe_load(path.read_text())["tests"]:
             names.update(t["alertname"] for t in group.get("alert_rule_test", []))
@@ -59,7 +59,8 @@ def _tested_alerts() -> set[str]:
 
 
 def _firing_and_silent_tests() -> tuple[set[str], set[str]]:
-    firing, silent = set(), set()
+    firing: set[str] = set()
+    silent: set[str] = set()
     for path in RULE_TESTS:
         for group in yaml.safe_load(path.read_text())["tests"]:
             for t in group.get("alert_rule_test", []):
