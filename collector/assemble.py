@@ -1,0 +1,133 @@
+"""Turn the per-layer results of a measured pass into wire messages (one per measured row).
+
+Usage:
+    messages = assemble(plan, identity, sampling, num_layers)
+
+Pure: numpy arrays in, HeadStatsMessage out. The only host-device copy of a measured pass happens
+here, once, after the last layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from collector.plan import PassPlan
+from collector.schema import HeadStatsMessage, MessageHeader, core_stat_names
+
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "transformers_version",
+        "_attn_implementation",
+        "_commit_hash",
+        "dtype",
+        "torch_dtype",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who measured what: model identity and server identity, fixed at attach time."""
+
+    model_name: str
+    model_revision: str
+    config_hash: str
+    server_id: str
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Message layout fixed at attach time."""
+
+    num_layers: int
+    sink_tokens: int
+    recent_tokens: int
+    top_k: tuple[int, ...]
+    sample_rate: float
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """Return a stable 16-hex hash of a model config dict (load-time fields excluded)."""
+    stable = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    text = json.dumps(stable, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def assemble(plan: PassPlan, identity: Identity, layout: Layout) -> list[HeadStatsMessage]:
+    """Return one message per measured row of the pass; layers without results are NaN."""
+    if not plan.results:
+        return []
+    names = core_stat_names(layout.top_k)
+    layers = sorted(plan.results)
+    # One copy per statistic for all layers and rows: (layers, n, heads).
+    host = {
+        name: torch.stack([plan.results[layer][name] for layer in layers]).double().cpu().numpy()
+        for name in (*names, "visible_keys")
+    }
+    heads = host[names[0]].shape[-1]
+    skipped = len(layers) < layout.num_layers
+    messages = []
+    now = time.time()
+    for i, row in enumerate(plan.rows):
+        stats = {name: np.full((layout.num_layers, heads), np.nan) for name in names}
+        visible = [0] * layout.num_layers
+        for j, layer in enumerate(layers):
+            if layer >= layout.num_layers:
+                continue
+            visible[layer] = int(host["visible_keys"][j, i])
+            for name in names:
+                stats[name][layer] = host[name][j, i]
+        flags: list[str] = []
+        measured = np.array([v > 0 for v in visible])
+        if any(visible[layer] == 0 for layer in layers if layer < layout.num_layers):
+            flags.append("fully_masked")
+        finite = np.ones_like(measured)
+        for name in names:
+            finite &= np.isfinite(stats[name]).all(axis=1) | ~measured
+        if not finite.all():
+            flags.append("non_finite")
+        if skipped:
+            flags.append("layers_skipped")
+        header = MessageHeader(
+            message_id=uuid.uuid4().hex,
+            model_name=identity.model_name,
+            model_revision=identity.model_revision,
+            config_hash=identity.config_hash,
+            server_id=identity.server_id,
+            timestamp_seconds=now,
+            phase=plan.phase,
+            context_tokens=row.query_position + 1,
+            query_position=row.query_position,
+            sink_tokens=layout.sink_tokens,
+            recent_tokens=layout.recent_tokens,
+            num_layers=layout.num_layers,
+            num_query_heads=heads,
+            num_kv_heads=plan.layout["kv_heads"],
+            head_dim=plan.layout["head_dim"],
+            kv_dtype_bytes=plan.layout["kv_dtype_bytes"],
+            sample_rate=layout.sample_rate,
+            top_k=layout.top_k,
+            visible_keys=tuple(visible),
+            flags=tuple(flags),  # type: ignore[arg-type]
+            stat_names=names,
+        )
+        clipped = {n: _clip(n, a) for n, a in stats.items()}
+        messages.append(HeadStatsMessage.build(header, clipped))
+    return messages
+
+
+def _clip(name: str, values: np.ndarray) -> np.ndarray:
+    """Clip float noise at the domain edges (a mass of 1 + 1e-7, an entropy of -1e-8)."""
+    if name.endswith("_mass"):
+        return np.clip(values, 0.0, 1.0)
+    return np.maximum(values, 0.0)

@@ -1,0 +1,195 @@
+"""Host-side plan of a measured pass, and the per-layer tensors the statistics need.
+
+Usage:
+    rows = plan_rows(mask_rows, batch_indices, total_slots, query_len, phase, sink_tokens, recent_tokens)
+    inputs = layer_inputs(plan, query, key, value, attention_mask, sliding_window, is_causal, sinks)
+
+Pure numpy and torch. A "slot" is an index into the padded sequence (cache positions, padding
+included); a "position" is the absolute token index of a real token (padding excluded). Keys of a
+layer map to slots by `slot = key_index + (total_slots - keys)` when the layer's cache keeps a
+suffix (sliding-window layers), and `slot = key_index` when it is longer (a static cache).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from collector.stats import RowInputs
+
+Phase = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """One measured (sequence, query position)."""
+
+    batch_index: int
+    query_row: int  # index into the pass's query dimension
+    query_slot: int
+    query_position: int
+    positions: np.ndarray  # (total_slots,) absolute position of each slot, -1 for padding
+    sink_slots: np.ndarray
+    recent_slots: np.ndarray
+
+
+@dataclass
+class PassPlan:
+    """Everything a measured pass needs, decided on the host before the first layer runs."""
+
+    phase: Phase
+    total_slots: int
+    query_len: int
+    rows: list[RowPlan]
+    results: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    layout: dict[str, int] = field(default_factory=dict)
+    stats_seconds: float = 0.0
+    _keep_cache: dict[tuple[int, int, str], tuple[torch.Tensor, ...]] = field(default_factory=dict)
+
+
+def plan_rows(
+    mask_rows: np.ndarray,
+    batch_indices: list[int],
+    query_len: int,
+    phase: Phase,
+    sink_tokens: int,
+    recent_tokens: int,
+) -> list[RowPlan]:
+    """Return the row plans: the last real token of each sequence's current block.
+
+    mask_rows: (len(batch_indices), total_slots) 0/1 padding mask of the chosen sequences.
+    """
+    total = mask_rows.shape[1]
+    plans: list[RowPlan] = []
+    for b, mask in zip(batch_indices, mask_rows, strict=True):
+        real = mask.astype(bool)
+        block = np.flatnonzero(real[total - query_len :])
+        if block.size == 0:
+            continue
+        slot = total - query_len + int(block[-1])
+        positions = np.where(real, np.cumsum(real) - 1, -1)
+        qpos = int(positions[slot])
+        sink = np.flatnonzero(real & (positions < sink_tokens) & (np.arange(total) <= slot))
+        recent = np.flatnonzero(
+            real
+            & (positions > qpos - recent_tokens)
+            & (positions >= sink_tokens)
+            & (positions <= qpos)
+        )
+        plans.append(RowPlan(b, slot - (total - query_len), slot, qpos, positions, sink, recent))
+    return plans
+
+
+def key_offset(total_slots: int, keys: int) -> int:
+    """Return the slot of key 0: caches shorter than the sequence keep its suffix."""
+    return total_slots - keys if keys < total_slots else 0
+
+
+def _bias_rows(
+    plan: PassPlan,
+    keys: int,
+    mask: torch.Tensor | None,
+    sliding_window: int | None,
+    is_causal: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """Return (n, keys) float32: 0 (or the model's additive bias) where visible, -inf elsewhere."""
+    n = len(plan.rows)
+    batch = torch.tensor([r.batch_index for r in plan.rows], device=device)
+    if mask is not None and mask.dim() == 4:
+        if mask.shape[-1] < keys:
+            raise ValueError(f"expected a mask over {keys} keys, got {tuple(mask.shape)}")
+        rows = torch.tensor([r.query_row for r in plan.rows], device=device)
+        heads = mask[:, 0] if mask.shape[1] >= 1 else mask
+        picked = heads[batch if mask.shape[0] > 1 else torch.zeros_like(batch), rows, :keys]
+        if picked.dtype == torch.bool:
+            return torch.zeros(picked.shape, device=device).masked_fill(~picked, -math.inf)
+        floor = torch.finfo(picked.dtype).min / 2
+        return picked.float().masked_fill(picked <= floor, -math.inf)
+    offset = key_offset(plan.total_slots, keys)
+    slots = torch.arange(keys, device=device) + offset
+    query_slots = torch.tensor([r.query_slot for r in plan.rows], device=device)[:, None]
+    visible = (slots[None, :] < plan.total_slots).expand(n, keys).clone()
+    if is_causal:
+        visible &= slots[None, :] <= query_slots
+    if sliding_window is not None:
+        visible &= query_slots - slots[None, :] < sliding_window
+    if mask is not None and mask.dim() == 2:
+        visible &= mask[batch][:, -keys:].bool() if mask.shape[-1] >= keys else visible
+    return torch.zeros((n, keys), device=device).masked_fill(~visible, -math.inf)
+
+
+def _keep_rows(
+    plan: PassPlan, keys: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return keep_index, keep_is_sink, keep_valid (n, J) for this layer's key count."""
+    cached = plan._keep_cache.get((keys, 0, str(device)))
+    if cached is not None:
+        index, is_sink, valid = cached
+        return index, is_sink, valid
+    offset = key_offset(plan.total_slots, keys)
+    per_row = []
+    for row in plan.rows:
+        sink = row.sink_slots - offset
+        recent = row.recent_slots - offset
+        sink = sink[(sink >= 0) & (sink < keys)]
+        recent = recent[(recent >= 0) & (recent < keys)]
+        per_row.append((np.concatenate([sink, recent]), sink.size))
+    width = max(1, max(idx.size for idx, _ in per_row))
+    index = np.zeros((len(per_row), width), dtype=np.int64)
+    is_sink = np.zeros((len(per_row), width), dtype=bool)
+    valid = np.zeros((len(per_row), width), dtype=bool)
+    for i, (idx, n_sink) in enumerate(per_row):
+        index[i, : idx.size] = idx
+        is_sink[i, :n_sink] = True
+        valid[i, : idx.size] = True
+    result = (
+        torch.from_numpy(index).to(device),
+        torch.from_numpy(is_sink).to(device),
+        torch.from_numpy(valid).to(device),
+    )
+    plan._keep_cache[(keys, 0, str(device))] = result
+    return result
+
+
+def layer_inputs(
+    plan: PassPlan,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    sliding_window: int | None,
+    is_causal: bool,
+    sinks: torch.Tensor | None,
+) -> RowInputs:
+    """Return the statistics inputs of one attention call for the plan's rows.
+
+    query: (batch, heads, q, d); key, value: (batch, kv_heads, keys, d); mask as the kernel got it.
+    """
+    device = query.device
+    batch = torch.tensor([r.batch_index for r in plan.rows], device=device)
+    rows = torch.tensor([r.query_row for r in plan.rows], device=device)
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if heads % kv_heads:
+        raise ValueError(
+            f"expected query heads to be a multiple of {kv_heads} KV heads, got {heads}"
+        )
+    picked = query[batch, :, rows] if query.shape[0] > 1 else query[0, :, rows].transpose(0, 1)
+    picked = picked.reshape(len(plan.rows), kv_heads, heads // kv_heads, query.shape[-1])
+    keys = key.shape[2]
+    keep_index, keep_is_sink, keep_valid = _keep_rows(plan, keys, device)
+    return RowInputs(
+        query=picked,
+        key=key,
+        value=value,
+        batch_index=batch,
+        bias=_bias_rows(plan, keys, mask, sliding_window, is_causal, device),
+        keep_index=keep_index,
+        keep_is_sink=keep_is_sink,
+        keep_valid=keep_valid,
+        sinks=sinks,
+    )

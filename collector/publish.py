@@ -1,0 +1,199 @@
+"""Where messages go: Kafka (bounded queue, background thread), memory, or a JSON-lines file.
+
+Usage:
+    sink = KafkaSink(KafkaSettings(bootstrap_servers="127.0.0.1:9092"), metrics)
+    sink.publish(message)     # never blocks: a full queue drops and counts
+    sink.close()              # flushes within `flush_timeout_seconds`
+
+The only module that touches Kafka (imported lazily, when the sink first connects). kafka-python
+bounds neither its accumulator nor its wait for a missing broker, so the sink puts a queue bounded
+by count and bytes in front of it, keeps at most `producer_buffer_bytes` unacknowledged inside it,
+and bounds every blocking call. MemorySink and FileSink live in collector.sinks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from collector.metrics import CollectorMetrics
+from collector.schema import MAX_MESSAGE_BYTES, HeadStatsMessage
+from collector.settings import KafkaSettings
+from collector.sinks import FileSink, MemorySink, Sink, estimated_bytes, read_jsonl
+
+__all__ = ["FileSink", "KafkaSink", "MemorySink", "Sink", "read_jsonl"]
+
+logger = logging.getLogger(__name__)
+
+
+class KafkaSink:
+    """Publishes messages to Kafka off the forward thread; drops and counts instead of blocking.
+
+    Usage:
+        sink = KafkaSink(KafkaSettings(), CollectorMetrics()); sink.publish(msg); sink.close()
+    """
+
+    def __init__(self, settings: KafkaSettings, metrics: CollectorMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics if metrics is not None else CollectorMetrics()
+        self._queue: deque[tuple[HeadStatsMessage, int]] = deque()
+        self._queued_bytes = 0
+        self._in_flight_bytes = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self._producer: Any = None
+        self._thread = threading.Thread(target=self._run, name="headwatch-publisher", daemon=True)
+        self._thread.start()
+
+    def publish(self, message: HeadStatsMessage) -> None:
+        """Queue a message; drop it (counted) when the queue is full or the sink is closed."""
+        size = estimated_bytes(message)
+        name = message.header.model_name
+        with self._cond:
+            if self._closing:
+                reason = "closed"
+            elif (
+                len(self._queue) >= self.settings.queue_max_messages
+                or self._queued_bytes + size > self.settings.queue_max_bytes
+            ):
+                reason = "queue_full"
+            else:
+                self._queue.append((message, size))
+                self._queued_bytes += size
+                self._gauges(name)
+                self._cond.notify()
+                return
+        self.metrics.drop(name, reason)
+
+    @property
+    def queued(self) -> tuple[int, int]:
+        """Return (messages, bytes) waiting in the queue."""
+        with self._cond:
+            return len(self._queue), self._queued_bytes
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """Return the bytes handed to the producer and not yet acknowledged or failed."""
+        with self._cond:
+            return self._in_flight_bytes
+
+    def _gauges(self, name: str) -> None:
+        self.metrics.queue_messages.labels(model_name=name).set(len(self._queue))
+        self.metrics.queue_bytes.labels(model_name=name).set(self._queued_bytes)
+
+    def _connect(self) -> bool:
+        from kafka import KafkaProducer
+
+        s = self.settings
+        try:
+            self._producer = KafkaProducer(
+                bootstrap_servers=s.bootstrap_servers.split(","),
+                acks=int(s.acks) if s.acks != "all" else "all",
+                compression_type=None if s.compression_type == "none" else s.compression_type,
+                max_block_ms=int(s.request_timeout_seconds * 1000),
+                request_timeout_ms=int(s.request_timeout_seconds * 1000),
+                delivery_timeout_ms=int(s.request_timeout_seconds * 3000),
+                reconnect_backoff_ms=int(s.reconnect_backoff_seconds * 1000),
+                reconnect_backoff_max_ms=int(s.reconnect_backoff_seconds * 5000),
+                max_request_size=MAX_MESSAGE_BYTES + 4096,
+                linger_ms=20,
+                retries=3,
+            )
+        except Exception as exc:
+            logger.warning("kafka producer to %s unavailable: %s", s.bootstrap_servers, exc)
+            return False
+        logger.info("kafka producer connected to %s topic=%s", s.bootstrap_servers, s.topic)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    return
+            if self._producer is None and not self._connect():
+                with self._cond:
+                    self._cond.wait(self.settings.reconnect_backoff_seconds)
+                continue
+            self._send_one()
+
+    def _send_one(self) -> None:
+        with self._cond:
+            while (
+                self._in_flight_bytes >= self.settings.producer_buffer_bytes and not self._closing
+            ):
+                self._cond.wait(0.1)
+            if not self._queue:
+                return
+            message, size = self._queue.popleft()
+            self._queued_bytes -= size
+            self._gauges(message.header.model_name)
+        name = message.header.model_name
+        try:
+            data = message.to_bytes()
+        except Exception:
+            logger.warning("cannot encode a message of %s", name, exc_info=True)
+            self.metrics.drop(name, "too_large")
+            return
+        if len(data) > MAX_MESSAGE_BYTES:
+            self.metrics.drop(name, "too_large")
+            return
+        with self._cond:
+            self._in_flight_bytes += len(data)
+        try:
+            future = self._producer.send(
+                self.settings.topic, key=message.header.model_key.encode(), value=data
+            )
+        except Exception as exc:
+            self._settle(len(data), name, ok=False, exc=exc)
+            return
+        future.add_callback(lambda _meta: self._settle(len(data), name, ok=True))
+        future.add_errback(lambda exc: self._settle(len(data), name, ok=False, exc=exc))
+
+    def _settle(self, size: int, name: str, ok: bool, exc: BaseException | None = None) -> None:
+        with self._cond:
+            self._in_flight_bytes -= size
+            self._cond.notify_all()
+        if ok:
+            self.metrics.published.labels(model_name=name).inc()
+        else:
+            logger.debug("kafka send failed: %s", exc)
+            self.metrics.drop(name, "broker_unavailable")
+
+    def close(self, timeout_seconds: float | None = None) -> None:
+        """Send what is queued, flush within the bound, drop (counted) whatever is left."""
+        timeout = (
+            self.settings.flush_timeout_seconds if timeout_seconds is None else timeout_seconds
+        )
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._cond.notify_all()
+        while time.monotonic() < deadline and self._producer is not None:
+            with self._cond:
+                if not self._queue:
+                    break
+            time.sleep(0.01)
+        with self._cond:
+            self._closing = True
+            left = list(self._queue)
+            self._queue.clear()
+            self._queued_bytes = 0
+            self._cond.notify_all()
+        for message, _ in left:
+            self.metrics.drop(message.header.model_name, "closed")
+        self._thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        if self._producer is not None:
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                self._producer.flush(timeout=remaining)
+            except Exception as exc:
+                logger.warning("kafka flush did not complete: %s", exc)
+            try:
+                self._producer.close(timeout=max(remaining, 0.5))
+            except Exception as exc:
+                logger.warning("kafka producer close failed: %s", exc)
+            self._producer = None

@@ -1,0 +1,242 @@
+"""What runs inside the serving process for one attached model: pass decisions and measurements.
+
+Usage:
+    collector = PassCollector(sampler, spec, identity, layout, emit, metrics, guard)
+    model.register_forward_pre_hook(collector.before_pass, with_kwargs=True)
+
+Decisions are made in the model's forward pre-hook on the host; on unmeasured passes the attention
+hook does one dict lookup and one thread-local read and touches no tensor. Every body that runs
+inside the forward pass sits under the error guard: failures are counted, logged at a limited
+rate, and the collector disables itself after N consecutive failures. Nothing raises into the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from collector.assemble import Identity, Layout, assemble
+from collector.hook import cache_length, output_cache, pass_inputs
+from collector.metrics import CollectorMetrics
+from collector.plan import PassPlan, layer_inputs, plan_rows
+from collector.sampling import RequestState, Sampler
+from collector.schema import HeadStatsMessage
+from collector.stats import StatsSpec, row_statistics
+
+logger = logging.getLogger(__name__)
+
+
+class ErrorGuard:
+    """Counts failures, logs the first traceback then at most one line per interval, disables after N in a row."""
+
+    def __init__(
+        self,
+        max_consecutive: int,
+        log_interval_seconds: float,
+        on_error: Callable[[], None],
+        on_disable: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_consecutive = max_consecutive
+        self.log_interval_seconds = log_interval_seconds
+        self.enabled = True
+        self.errors = 0
+        self.consecutive = 0
+        self._on_error = on_error
+        self._on_disable = on_disable
+        self._clock = clock
+        self._last_log = -float("inf")
+        self._lock = threading.Lock()
+
+    def failed(self, where: str) -> None:
+        """Record one failure of `where` (call from inside an `except` block)."""
+        with self._lock:
+            self.errors += 1
+            self.consecutive += 1
+            first = self.errors == 1
+            now = self._clock()
+            if first or now - self._last_log >= self.log_interval_seconds:
+                self._last_log = now
+                logger.warning(
+                    "headwatch collector: %s failed (%d errors so far)",
+                    where,
+                    self.errors,
+                    exc_info=first,
+                )
+            disable = self.enabled and self.consecutive >= self.max_consecutive
+            if disable:
+                self.enabled = False
+        self._on_error()
+        if disable:
+            logger.error(
+                "headwatch collector disabled after %d consecutive failures", self.consecutive
+            )
+            self._on_disable()
+
+    def succeeded(self) -> None:
+        """Reset the consecutive-failure count."""
+        self.consecutive = 0
+
+
+class PassCollector:
+    """Decides per pass, measures on the attention hook, assembles after the last layer."""
+
+    def __init__(
+        self,
+        sampler: Sampler,
+        spec: StatsSpec,
+        identity: Identity,
+        layout: Layout,
+        emit: Callable[[HeadStatsMessage], None],
+        metrics: CollectorMetrics,
+        guard: ErrorGuard,
+    ) -> None:
+        self.sampler = sampler
+        self.spec = spec
+        self.identity = identity
+        self.layout = layout
+        self._emit = emit
+        self._metrics = metrics
+        self.guard = guard
+        self._local = threading.local()
+        self._requests: weakref.WeakKeyDictionary[Any, RequestState] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    # Forward pre-hook of the model: decide, on the host, whether this pass is measured.
+    def before_pass(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._local.plan = None
+        self._local.pending = None
+        if not self.guard.enabled:
+            return
+        try:
+            self._local.plan = self._decide(args, kwargs)
+            self.guard.succeeded()
+        except Exception:
+            self.guard.failed("pass decision")
+
+    def _decide(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> PassPlan | None:
+        shape, cache, mask = pass_inputs(args, kwargs)
+        if shape is None:
+            return None
+        batch, query_len = shape
+        with self._lock:
+            state = self._requests.get(cache) if cache is not None else None
+        past = cache_length(cache) if cache is not None else 0
+        total = past + query_len
+        if state is None or past == 0:
+            state = self.sampler.new_request(batch)
+            if cache is not None:
+                with self._lock:
+                    self._requests[cache] = state
+            else:
+                self._local.pending = state
+            measured = self.sampler.prefill_rows(state, total)
+            phase = "prefill"
+        elif query_len == 1:
+            measured = self.sampler.decode_step(state, total)
+            phase = "decode"
+        else:
+            measured = self.sampler.prefill_rows(state, total)
+            phase = "prefill"
+        if not measured:
+            return None
+        # A measured pass: reading the padding mask from the device is allowed here.
+        chosen = [b for b, s in enumerate(state.sampled) if s]
+        if mask is None:
+            rows = np.ones((len(chosen), total), dtype=np.int8)
+        else:
+            rows = mask[chosen].to("cpu", torch.int8).numpy()[:, -total:]
+        plans = plan_rows(
+            rows, chosen, query_len, phase, self.layout.sink_tokens, self.layout.recent_tokens
+        )  # type: ignore[arg-type]
+        keep = self.sampler.long_enough([p.query_position + 1 for p in plans])
+        plans = [p for p, ok in zip(plans, keep, strict=True) if ok]
+        if not plans:
+            return None
+        return PassPlan(phase=phase, total_slots=total, query_len=query_len, rows=plans)  # type: ignore[arg-type]
+
+    # Called by the attention wrapper after the kernel ran.
+    def observe(
+        self,
+        layer: int,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        kwargs: dict[str, Any],
+    ) -> None:
+        plan: PassPlan | None = getattr(self._local, "plan", None)
+        if plan is None or not self.sampler.is_layer_sampled(layer):
+            return
+        started = time.perf_counter()
+        try:
+            with torch.no_grad():
+                self._measure(plan, layer, module, query, key, value, mask, kwargs)
+            self.guard.succeeded()
+            plan.stats_seconds += time.perf_counter() - started
+        except Exception:
+            self.guard.failed(f"statistics of layer {layer}")
+
+    def _measure(
+        self,
+        plan: PassPlan,
+        layer: int,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        kwargs: dict[str, Any],
+    ) -> None:
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        is_causal = kwargs.get("is_causal")
+        if is_causal is None:
+            is_causal = bool(getattr(module, "is_causal", True))
+        sinks = kwargs.get("s_aux")
+        inputs = layer_inputs(
+            plan, query, key, value, mask, kwargs.get("sliding_window"), is_causal, sinks
+        )
+        plan.results[layer] = row_statistics(
+            inputs, float(scaling), self.spec, kwargs.get("softcap")
+        )
+        plan.layout.setdefault("kv_heads", key.shape[1])
+        plan.layout.setdefault("head_dim", query.shape[-1])
+        plan.layout.setdefault("kv_dtype_bytes", key.element_size())
+
+    # Forward hook of the model (always called): assemble and hand the messages on.
+    def after_pass(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        plan: PassPlan | None = getattr(self._local, "plan", None)
+        pending: RequestState | None = getattr(self._local, "pending", None)
+        self._local.plan = None
+        self._local.pending = None
+        try:
+            if pending is not None:
+                cache = output_cache(output)
+                if cache is not None:
+                    with self._lock:
+                        self._requests[cache] = pending
+            if plan is not None and plan.results:
+                started = time.perf_counter()
+                messages = assemble(plan, self.identity, self.layout)
+                self._metrics.sampled.labels(model_name=self.identity.model_name).inc()
+                self._metrics.stats_seconds.labels(model_name=self.identity.model_name).observe(
+                    plan.stats_seconds + time.perf_counter() - started
+                )
+                for message in messages:
+                    self._emit(message)
+            self.guard.succeeded()
+        except Exception:
+            self.guard.failed("message assembly")

@@ -1,0 +1,300 @@
+"""Exact per-head attention statistics of a few query rows, recomputed from query, keys and values.
+
+Usage:
+    rows = RowInputs(query=q, key=k, value=v, batch_index=b, bias=bias, keep_index=ki, keep_is_sink=ks, keep_valid=kv)
+    stats = row_statistics(rows, scaling=0.125, spec=StatsSpec())  # {"entropy_nats": (n, heads), ...}
+
+Pure torch, no I/O. Everything stays on the tensors' device; nothing here synchronises with the host.
+
+Cost and memory (K visible keys, n rows, h query heads, d head dim, C = `chunk_keys`):
+- pass 1 reads every key and value once (q.k logits, a running log-sum-exp, the entropy sum,
+  p.V and a running top-k merge); extra memory O(n x h x C);
+- the sink+recent keep-set is gathered by index (S + R keys), so its mass and the value-aware
+  eviction error cost O(S + R);
+- `keys_for_90pct` is read from the sorted top-k when the largest top-k already holds 90% of the
+  mass; otherwise it needs up to `refine_passes` more passes of 1024-bin histograms over the
+  logits, each narrowing the bin that crosses 90% (exact up to ties within float resolution).
+  When one chunk covers the row the logits of pass 1 are reused, otherwise the passes recompute
+  q.k (they read the keys again, not the values).
+GQA: the query heads are reshaped into (kv_heads, group), never `repeat_kv` copies of the cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from collector.schema import DEFAULT_TOP_K, top_k_stat
+
+_BINS = 1024
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """What to compute: the top-k set, the mass target of `keys_for_90pct`, chunking of keys."""
+
+    top_k: tuple[int, ...] = DEFAULT_TOP_K
+    mass_target: float = 0.9
+    chunk_keys: int = 65536
+    refine_passes: int = 4
+
+
+@dataclass(frozen=True)
+class RowInputs:
+    """The sampled rows of one attention call.
+
+    query: (n, kv_heads, group, d) post-RoPE queries of the sampled rows.
+    key, value: (batch, kv_heads, keys, d) what the kernel received (cache included).
+    batch_index: (n,) long, the batch entry each row reads.
+    bias: (n, keys) float32 additive mask: 0 (or the model's additive value) where visible, -inf where not.
+    keep_index: (n, J) long key indices of the sink+recent keep-set (padded; see keep_valid).
+    keep_is_sink: (n, J) bool, keep_valid: (n, J) bool.
+    sinks: (kv_heads * group,) learned sink logits (gpt-oss `s_aux`) or None.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    batch_index: torch.Tensor
+    bias: torch.Tensor
+    keep_index: torch.Tensor
+    keep_is_sink: torch.Tensor
+    keep_valid: torch.Tensor
+    sinks: torch.Tensor | None = None
+
+
+def _logits(
+    rows: RowInputs, start: int, stop: int, scaling: float, softcap: float | None
+) -> torch.Tensor:
+    """Return (n, kv_heads, group, stop - start) float32 logits as the kernel computes them."""
+    key = _gather_keys(rows.key, rows.batch_index, start, stop)
+    logits = torch.matmul(rows.query.float(), key.float().transpose(-1, -2)) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits + rows.bias[:, None, None, start:stop]
+
+
+def _gather_keys(t: torch.Tensor, batch_index: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Return (n, kv_heads, stop - start, d): a view when all rows read one batch entry."""
+    if t.shape[0] == 1:
+        return t[:, :, start:stop].expand(batch_index.shape[0], -1, -1, -1)
+    return t[batch_index, :, start:stop]
+
+
+def row_statistics(
+    rows: RowInputs, scaling: float, spec: StatsSpec, softcap: float | None = None
+) -> dict[str, torch.Tensor]:
+    """Return per-(row, query head) statistics as float32 tensors (n, heads), plus `visible_keys` (n,).
+
+    Rows with no visible key, or with non-finite logits, come out as NaN (flagged upstream).
+    """
+    n, kv_heads, group, _ = rows.query.shape
+    total_keys = rows.key.shape[2]
+    kmax = min(max(spec.top_k), total_keys)
+    device = rows.query.device
+    shape = (n, kv_heads, group)
+    running_max = torch.full(shape, -math.inf, device=device)
+    running_min = torch.full(shape, math.inf, device=device)
+    sum_exp = torch.zeros(shape, device=device)
+    sum_xlogx = torch.zeros(shape, device=device)
+    out = torch.zeros((*shape, rows.value.shape[-1]), device=device)
+    top = torch.full((*shape, 0), -math.inf, device=device)
+    last_logits = torch.empty(0)
+    for start in range(0, total_keys, spec.chunk_keys):
+        stop = min(start + spec.chunk_keys, total_keys)
+        logits = _logits(rows, start, stop, scaling, softcap)
+        new_max = torch.maximum(running_max, logits.amax(-1))
+        safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+        # Rescale what was accumulated against the old maximum: e' = e * r, e' log e' = r (e log e - d e).
+        shift = torch.where(
+            torch.isfinite(running_max), running_max - safe_max, torch.zeros_like(safe_max)
+        )
+        rescale = torch.where(
+            torch.isfinite(running_max), torch.exp(shift), torch.zeros_like(shift)
+        )
+        weights = torch.exp(logits - safe_max[..., None])
+        sum_xlogx = rescale * (sum_xlogx + shift * sum_exp) + torch.special.xlogy(
+            weights, weights
+        ).sum(-1)
+        sum_exp = rescale * sum_exp + weights.sum(-1)
+        value = _gather_keys(rows.value, rows.batch_index, start, stop).float()
+        out = rescale[..., None] * out + torch.matmul(weights, value)
+        finite = torch.where(torch.isfinite(logits), logits, torch.full_like(logits, math.inf))
+        running_min = torch.minimum(running_min, finite.amin(-1))
+        top = (
+            torch.cat([top, logits], dim=-1)
+            .topk(min(kmax, top.shape[-1] + stop - start), dim=-1)
+            .values
+        )
+        running_max = new_max
+        last_logits = logits
+    safe_max = torch.where(torch.isfinite(running_max), running_max, torch.zeros_like(running_max))
+    total = sum_exp
+    xlogx = sum_xlogx
+    sink_atom = torch.zeros_like(total)
+    if rows.sinks is not None:
+        atom = torch.exp(rows.sinks.float().reshape(1, kv_heads, group) - safe_max)
+        sink_atom = atom.expand_as(total)
+        total = total + sink_atom
+        xlogx = xlogx + torch.special.xlogy(sink_atom, sink_atom)
+    lse = safe_max + torch.log(total)
+    entropy = torch.log(total) - xlogx / total
+    output = out / total[..., None]
+
+    probs_top = torch.exp(top - lse[..., None])
+    cum_top = probs_top.cumsum(-1)
+    result: dict[str, torch.Tensor] = {"entropy_nats": entropy}
+    for k in spec.top_k:
+        result[top_k_stat(k)] = cum_top[..., min(k, kmax) - 1]
+
+    key_mass = 1.0 - sink_atom / total
+    target = spec.mass_target * key_mass
+    keys_needed = _keys_for_target(
+        rows, scaling, softcap, spec, cum_top, target, lse, running_min, running_max, last_logits
+    )
+    result["keys_for_90pct"] = keys_needed
+
+    sink_mass, recent_mass, kept_output, kept_mass = _keep_set(rows, scaling, softcap, lse)
+    result["sink_mass"] = sink_mass
+    result["recent_mass"] = recent_mass
+    # Renormalise over the kept keys (and the learned sink atom, which is never evicted).
+    kept = kept_output / (kept_mass + sink_atom / total)[..., None]
+    result["eviction_error"] = torch.linalg.vector_norm(
+        output - kept, dim=-1
+    ) / torch.linalg.vector_norm(output, dim=-1)
+    visible = torch.isfinite(rows.bias).sum(-1)
+    bad = ~torch.isfinite(running_max) | ~torch.isfinite(lse)
+    flat: dict[str, torch.Tensor] = {}
+    for name, value in result.items():
+        value = value.float().masked_fill(bad, math.nan)
+        flat[name] = value.reshape(n, kv_heads * group)
+    flat["visible_keys"] = visible
+    return flat
+
+
+def _keep_set(
+    rows: RowInputs, scaling: float, softcap: float | None, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return sink mass, recent mass, sum p v over the keep-set and its mass, from S + R keys."""
+    index = rows.keep_index
+    n = index.shape[0]
+    batch = rows.batch_index[:, None].expand_as(index)
+    keys = rows.key[batch, :, index].permute(0, 2, 1, 3).float()  # (n, kv_heads, J, d)
+    values = rows.value[batch, :, index].permute(0, 2, 1, 3).float()
+    logits = torch.matmul(rows.query.float(), keys.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    bias = torch.gather(rows.bias, 1, index)
+    bias = bias.masked_fill(~rows.keep_valid, -math.inf)
+    probs = torch.exp(logits + bias[:, None, None, :] - lse[..., None])
+    is_sink = rows.keep_is_sink.reshape(n, 1, 1, -1).to(probs.dtype)
+    sink = (probs * is_sink).sum(-1)
+    mass = probs.sum(-1)
+    return sink, mass - sink, torch.matmul(probs, values), mass
+
+
+def _keys_for_target(
+    rows: RowInputs,
+    scaling: float,
+    softcap: float | None,
+    spec: StatsSpec,
+    cum_top: torch.Tensor,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    cached: torch.Tensor,
+) -> torch.Tensor:
+    """Return the smallest number of keys (largest first) whose mass reaches `target`, as float."""
+    reached = cum_top >= target[..., None]
+    from_top = (~reached).sum(-1).float() + 1.0
+    solved = reached[..., -1]
+    if cum_top.shape[-1] == 0:
+        return torch.full_like(target, math.nan)
+    total_keys = rows.key.shape[2]
+    one_chunk = total_keys <= spec.chunk_keys
+
+    def logits_of(start: int, stop: int) -> torch.Tensor:
+        if one_chunk:
+            return cached
+        return _logits(rows, start, stop, scaling, softcap)
+
+    refined = _refine(logits_of, total_keys, spec, target, lse, low, high, solved)
+    return torch.where(solved, from_top, refined)
+
+
+def _refine(
+    logits_of: Callable[[int, int], torch.Tensor],
+    total_keys: int,
+    spec: StatsSpec,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    solved: torch.Tensor,
+) -> torch.Tensor:
+    """Narrow, by histogram passes, the logit interval where the cumulative mass crosses `target`.
+
+    Bins are counted from the top: bin 0 holds the largest logits. Each pass keeps only keys whose
+    bin index matched the crossing bin in every previous pass (the same formula, so boundaries are
+    consistent), and adds the mass and count above the crossing bin to what is already taken.
+    The remaining keys of the final crossing bin are taken as equal (their logits differ by less
+    than the final bin width, float resolution after a few passes).
+    """
+    # Without any pending row, skip the passes: the common case for peaked heads.
+    if bool(solved.all()):
+        return torch.zeros_like(target)
+    levels: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (top, width, chosen bin)
+    mass_above = torch.zeros_like(target)
+    count_above = torch.zeros_like(target)
+    top, width = high, (high - low) / _BINS
+    bin_mass = torch.zeros_like(target)
+    bin_count = torch.zeros_like(target)
+    for _ in range(spec.refine_passes):
+        mass = torch.zeros((*target.shape, _BINS), device=target.device)
+        count = torch.zeros_like(mass)
+        for start in range(0, total_keys, spec.chunk_keys):
+            logits = logits_of(start, min(start + spec.chunk_keys, total_keys))
+            inside = torch.isfinite(logits)
+            for lvl_top, lvl_width, lvl_bin in levels:
+                inside &= _bin_of(logits, lvl_top, lvl_width) == lvl_bin[..., None]
+            bins = _bin_of(logits, top, width)
+            probs = torch.where(
+                inside, torch.exp(logits - lse[..., None]), torch.zeros_like(logits)
+            )
+            mass.scatter_add_(-1, bins, probs)
+            count.scatter_add_(-1, bins, inside.to(count.dtype))
+        cum = mass_above[..., None] + mass.cumsum(-1)
+        crossing = (cum < target[..., None]).sum(-1).clamp(max=_BINS - 1)
+        before = crossing[..., None] - 1
+        mass_above = mass_above + torch.where(
+            before >= 0,
+            mass.cumsum(-1).gather(-1, before.clamp(min=0)),
+            torch.zeros_like(before, dtype=mass.dtype),
+        ).squeeze(-1)
+        count_above = count_above + torch.where(
+            before >= 0,
+            count.cumsum(-1).gather(-1, before.clamp(min=0)),
+            torch.zeros_like(before, dtype=count.dtype),
+        ).squeeze(-1)
+        bin_mass = mass.gather(-1, crossing[..., None]).squeeze(-1)
+        bin_count = count.gather(-1, crossing[..., None]).squeeze(-1)
+        levels.append((top, width, crossing))
+        top, width = top - crossing * width, width / _BINS
+        if bool(((bin_count <= 1) | solved).all()):
+            break
+    per_key = bin_mass / bin_count.clamp(min=1)
+    needed = torch.ceil(((target - mass_above) / per_key.clamp(min=1e-38)) * (1 - 1e-6))
+    needed = needed.clamp(min=1).minimum(bin_count.clamp(min=1))
+    return count_above + needed
+
+
+def _bin_of(logits: torch.Tensor, top: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """Return the bin index of each logit, 0 for the largest, clamped to [0, bins)."""
+    safe_width = torch.where(width > 0, width, torch.ones_like(width))
+    raw = torch.floor((top[..., None] - logits) / safe_width[..., None])
+    raw = torch.where(torch.isfinite(raw), raw, torch.full_like(raw, _BINS - 1))
+    return raw.clamp(0, _BINS - 1).long()
