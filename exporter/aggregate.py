@@ -1,0 +1,138 @@
+"""Fold decoded messages into per-model state; the pure core the Kafka and Prometheus adapters share.
+
+Usage:
+    agg = Aggregator(AggregatePolicy())
+    agg.fold(HeadStatsMessage.from_bytes(value), partition=0, replay=False, now_wall=time.time())
+    snapshots = agg.snapshot()
+
+Not thread-safe: the consumer loop holds a lock around fold and snapshot.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from collector.schema import HeadStatsMessage, SchemaError
+from exporter.model_state import AggregatePolicy, ModelState, to_sample
+from exporter.reference import RebaselineRequest, Reference
+from exporter.snapshot import ModelSnapshot
+
+
+class Fold(enum.Enum):
+    """What happened to a message handed to `Aggregator.fold`."""
+
+    FOLDED = "folded"
+    DUPLICATE = "duplicate"
+    STALE = "stale"
+
+
+class Aggregator:
+    """Per-model windows, references and verdicts of the partitions this replica owns."""
+
+    def __init__(self, policy: AggregatePolicy) -> None:
+        self.policy = policy
+        self.models: dict[str, ModelState] = {}
+        self.references: dict[str, Reference] = {}
+        self.requests: dict[str, RebaselineRequest] = {}
+        self.new_references: list[Reference] = []
+
+    def fold(self, msg: HeadStatsMessage, *, partition: int, replay: bool, now_wall: float) -> Fold:
+        """Fold a valid message; raise SchemaError (reason shape/oversized) if it cannot be."""
+        header = msg.header
+        cells = header.num_layers * header.num_query_heads
+        if cells > self.policy.max_heads_per_model:
+            raise SchemaError(
+                "oversized",
+                f"{cells} heads > max_heads_per_model {self.policy.max_heads_per_model}",
+            )
+        key = header.model_key
+        state = self.models.get(key)
+        if state is None:
+            state = ModelState(
+                header,
+                self.policy,
+                partition,
+                self._valid_reference(key),
+                now_wall,
+                reference_after_seconds=self._requested_seconds(key),
+            )
+            self.models[key] = state
+        elif not state.matches_layout(header):
+            raise SchemaError("shape", f"layout of {key} changed without a new config_hash")
+        state.partitions.add(partition)
+        if header.message_id in state.window:
+            state.last_fold_wall = now_wall
+            return Fold.DUPLICATE
+        if header.timestamp_seconds < state.window.newest_seconds - self.policy.horizon_seconds:
+            return Fold.STALE
+        completed = state.fold(
+            msg, to_sample(msg, self.policy.patterns), replay=replay, now_wall=now_wall
+        )
+        if completed is not None:
+            self.references[key] = completed
+            self.new_references.append(completed)
+        return Fold.FOLDED
+
+    def take_new_references(self) -> list[Reference]:
+        """Return and forget the references completed since the last call (to persist them)."""
+        out, self.new_references = self.new_references, []
+        return out
+
+    def _requested_seconds(self, key: str) -> float:
+        times = [r.requested_seconds for r in self.requests.values() if r.matches(key)]
+        return max(times, default=0.0)
+
+    def _valid_reference(self, key: str) -> Reference | None:
+        ref = self.references.get(key)
+        if ref is None or ref.created_seconds < self._requested_seconds(key):
+            return None
+        return ref
+
+    def load(self, record: Reference | RebaselineRequest) -> None:
+        """Apply a record of the reference topic (at start-up or while running)."""
+        if isinstance(record, Reference):
+            if record.created_seconds >= self._requested_seconds(record.model_key):
+                self.references[record.model_key] = record
+                state = self.models.get(record.model_key)
+                if state is not None and state.reference is None and record.shape == state.shape:
+                    state.reference = record
+            return
+        self.requests[record.model_key] = record
+        for key, state in self.models.items():
+            if record.matches(key):
+                ref = state.reference
+                if ref is None or ref.created_seconds < record.requested_seconds:
+                    self.references.pop(key, None)
+                    state.restart_reference(record.requested_seconds)
+
+    def drop_partitions(self, partitions: set[int]) -> list[str]:
+        """Forget the models fed by any of `partitions` (revoked from this replica)."""
+        dropped = [k for k, s in self.models.items() if s.partitions & partitions]
+        for key in dropped:
+            del self.models[key]
+        return dropped
+
+    def expire(self, now_wall: float) -> list[str]:
+        """Forget models that sent nothing for model_ttl_seconds; return their keys."""
+        cutoff = now_wall - self.policy.model_ttl_seconds
+        expired = [k for k, s in self.models.items() if s.last_fold_wall < cutoff]
+        for key in expired:
+            del self.models[key]
+        return expired
+
+    def snapshot(self) -> list[ModelSnapshot]:
+        """Return one snapshot per model, sorted by model name then identity.
+
+        When one model name has several identities (a new config_hash after a redeploy), only the
+        one with the newest message is exported, so the series keep one `model_name` each; the
+        older identity expires with the TTL.
+        """
+        newest: dict[str, ModelState] = {}
+        for state in self.models.values():
+            have = newest.get(state.model_name)
+            if have is None or (state.last_message_seconds, state.model_key) > (
+                have.last_message_seconds,
+                have.model_key,
+            ):
+                newest[state.model_name] = state
+        return [newest[name].snapshot() for name in sorted(newest)]

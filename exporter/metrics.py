@@ -1,0 +1,357 @@
+"""Prometheus adapter: a custom collector that renders a fresh snapshot on every scrape.
+
+Usage:
+    registry = CollectorRegistry()
+    registry.register(HeadwatchCollector(source.scrape_view, SeriesLimits()))
+
+Names and labels are those of docs/metrics.md. Per-head series are limited by a budget per head
+(in the priority order of `_HEAD_SERIES`) and by a hard cap on the total; whatever does not fit is
+counted in `headwatch_exporter_series_dropped_total`. Values carry no timestamps.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from exporter.labels import safe_label
+from exporter.patterns import PATTERNS
+from exporter.snapshot import (
+    CONTEXT_BUCKETS,
+    ENTROPY,
+    MIDDLE,
+    NORMALIZED_ENTROPY,
+    RECENT,
+    SINK,
+    ModelSnapshot,
+)
+
+logger = logging.getLogger(__name__)
+
+INVALID_REASONS = (
+    "decode", "schema_version", "shape", "non_finite", "out_of_range", "oversized",
+    "unknown_stat", "validation",
+)  # fmt: skip
+_HEAD_LABELS = ["model_name", "layer", "head", "kv_head"]
+
+# Per-head series in priority order: (metric, help, region label or None, kind). Kind "drift"
+# series exist only for heads whose last drift test failed or that are drifted; "since" only for
+# drifted heads. With the default budget of 8 a quiet head exports all of its 8 series.
+_HEAD_SERIES: tuple[tuple[str, str, str | None, str], ...] = (
+    ("headwatch_head_pattern", "1 for the head's current pattern", None, "pattern"),
+    (
+        "headwatch_head_eviction_error_ratio",
+        "High quantile of the sink+recent eviction error",
+        None,
+        "evict",
+    ),
+    (
+        "headwatch_head_drift_detected",
+        "1 when the head drifted for enough consecutive windows",
+        None,
+        "detected",
+    ),
+    ("headwatch_head_drift_p_value", "p-value of the last drift test", None, "drift"),
+    (
+        "headwatch_head_drift_distance",
+        "Jensen-Shannon distance of the last drift test",
+        None,
+        "drift",
+    ),
+    (
+        "headwatch_head_entropy_nats",
+        "Mean attention entropy of the head's sampled rows",
+        None,
+        "mean",
+    ),
+    ("headwatch_head_mass_ratio", "Mean probability mass per region", "sink", "mean"),
+    ("headwatch_head_mass_ratio", "Mean probability mass per region", "recent", "mean"),
+    ("headwatch_head_mass_ratio", "Mean probability mass per region", "middle", "mean"),
+    ("headwatch_head_drift_since_timestamp_seconds", "When the head became drifted", None, "since"),
+    ("headwatch_head_normalized_entropy_ratio", "Mean of entropy / ln(visible keys)", None, "mean"),
+)
+_MEAN_CHANNEL = {
+    "headwatch_head_entropy_nats": ENTROPY,
+    "headwatch_head_normalized_entropy_ratio": NORMALIZED_ENTROPY,
+    "sink": SINK,
+    "recent": RECENT,
+    "middle": MIDDLE,
+}
+
+
+@dataclass(frozen=True)
+class SeriesLimits:
+    """Per-head budget, hard cap on all series and label length."""
+
+    head_series_budget: int = 8
+    max_series: int = 250_000
+    max_label_chars: int = 128
+
+
+@dataclass(frozen=True)
+class ExporterStats:
+    """The replica's own counters and gauges, copied by the consumer for one scrape."""
+
+    messages_total: int = 0
+    invalid: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    dead_letters: int = 0
+    lag: dict[tuple[str, int], int] = field(default_factory=dict)
+    assigned_partitions: int = 0
+    last_message_wall: float = 0.0
+    rebuild_seconds: float = 0.0
+
+
+ScrapeView = Callable[[], tuple[list[ModelSnapshot], ExporterStats]]
+
+
+@functools.lru_cache(maxsize=32)
+def _head_labels(layers: int, heads: int, kv_heads: int) -> tuple[tuple[str, str, str], ...]:
+    group = heads // kv_heads
+    return tuple((str(i), str(h), str(h // group)) for i in range(layers) for h in range(heads))
+
+
+def _head_ranks(s: ModelSnapshot) -> list[np.ndarray]:
+    """Return, per _HEAD_SERIES entry, each head's position in its own candidate list (-1: n/a)."""
+    shows_drift = (s.failing | s.drifted).ravel()
+    drifted = s.drifted.ravel()
+    measured = (s.valid_counts > 0).ravel()
+    position = np.zeros(shows_drift.shape, dtype=np.int64)
+    ranks = []
+    for _, _, _, kind in _HEAD_SERIES:
+        applies = {"drift": shows_drift, "since": drifted}.get(kind, measured)
+        ranks.append(np.where(applies, position, -1))
+        position = position + applies
+    return ranks
+
+
+class HeadwatchCollector(Collector):
+    """Builds every headwatch metric family from `view()` at each scrape."""
+
+    def __init__(self, view: ScrapeView, limits: SeriesLimits) -> None:
+        self._view = view
+        self._limits = limits
+        self._lock = threading.Lock()
+        self.series_dropped_total = 0
+        self.active_series = 0
+
+    def describe(self) -> list[Metric]:
+        """Return nothing, so that registering does not trigger a scrape."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """Return the metric families of one scrape."""
+        snapshots, stats = self._view()
+        with self._lock:
+            families, active, dropped = self._render_models(snapshots)
+            self.series_dropped_total += dropped
+            self.active_series = active
+            yield from families
+            yield from self._self_metrics(stats)
+
+    def _render_models(self, snapshots: list[ModelSnapshot]) -> tuple[list[Metric], int, int]:
+        fam: dict[str, GaugeMetricFamily] = {}
+
+        def family(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+            if name not in fam:
+                fam[name] = GaugeMetricFamily(name, doc, labels=labels)
+            return fam[name]
+
+        model_fams = _ModelFamilies()
+        left = self._limits.max_series
+        active = dropped = 0
+        for s in snapshots:
+            model = safe_label(s.model_name, self._limits.max_label_chars)
+            layers, heads = s.shape
+            model_series = model_fams.count(layers)
+            if model_series > left:
+                dropped += model_series + layers * heads * self._limits.head_series_budget
+                continue
+            left -= model_series
+            model_fams.add(model, s)
+            labels = _head_labels(layers, heads, s.num_kv_heads)
+            ranks = _head_ranks(s)
+            included = [r >= 0 for r in ranks]
+            in_budget = [(r >= 0) & (r < self._limits.head_series_budget) for r in ranks]
+            per_head = np.sum(in_budget, axis=0)
+            dropped += int(np.sum(included) - np.sum(per_head))
+            fits = np.cumsum(per_head) <= left
+            dropped += int(per_head[~fits].sum())
+            taken = int(per_head[fits].sum())
+            left -= taken
+            active += taken
+            self._add_heads(family, model, s, labels, [m & fits for m in in_budget])
+            kv = s.kv_safe.ravel()
+            kv_fam = family(
+                "headwatch_kv_head_safe_to_compress",
+                "1 when every query head of the KV head is safe for sink+recent",
+                ["model_name", "layer", "kv_head"],
+            )
+            kv_heads = s.num_kv_heads
+            if kv.size <= left:
+                left -= kv.size
+                for i, v in enumerate(kv.tolist()):
+                    kv_fam.add_metric([model, str(i // kv_heads), str(i % kv_heads)], float(v))
+            else:
+                dropped += kv.size
+        return [*fam.values(), *model_fams.families()], active, dropped
+
+    def _add_heads(
+        self,
+        family: Callable[..., GaugeMetricFamily],
+        model: str,
+        s: ModelSnapshot,
+        labels: tuple[tuple[str, str, str], ...],
+        masks: list[np.ndarray],
+    ) -> None:
+        for (name, doc, region, kind), mask in zip(_HEAD_SERIES, masks, strict=True):
+            extra = ["region"] if region else ["pattern"] if kind == "pattern" else []
+            f = family(name, doc, _HEAD_LABELS + extra)
+            idx = np.flatnonzero(mask).tolist()
+            if not idx:
+                continue
+            if kind == "pattern":
+                codes = s.pattern.ravel()
+                for i in idx:
+                    f.add_metric([model, *labels[i], PATTERNS[codes[i]]], 1.0)
+                continue
+            values = _head_values(s, name, region, kind).ravel().tolist()
+            tail = [region] if region else []
+            for i in idx:
+                f.add_metric([model, *labels[i], *tail], values[i])
+
+    def _self_metrics(self, st: ExporterStats) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "headwatch_exporter_messages",
+            "Messages consumed (valid or not)",
+            value=st.messages_total,
+        )
+        invalid = CounterMetricFamily(
+            "headwatch_exporter_invalid_messages", "Messages rejected, by reason", labels=["reason"]
+        )
+        for reason in INVALID_REASONS:
+            invalid.add_metric([reason], st.invalid.get(reason, 0))
+        yield invalid
+        yield CounterMetricFamily(
+            "headwatch_exporter_duplicate_messages",
+            "Redelivered messages skipped",
+            value=st.duplicates,
+        )
+        yield CounterMetricFamily(
+            "headwatch_exporter_dead_letters",
+            "Messages sent to the dead-letter topic",
+            value=st.dead_letters,
+        )
+        lag = GaugeMetricFamily(
+            "headwatch_exporter_consumer_lag_messages",
+            "End offset minus consumed position",
+            labels=["topic", "partition"],
+        )
+        for (topic, partition), value in sorted(st.lag.items()):
+            lag.add_metric([topic, str(partition)], value)
+        yield lag
+        yield GaugeMetricFamily(
+            "headwatch_exporter_assigned_partitions",
+            "Partitions this replica owns",
+            value=st.assigned_partitions,
+        )
+        yield GaugeMetricFamily(
+            "headwatch_exporter_last_message_timestamp_seconds",
+            "When the replica last consumed a message",
+            value=st.last_message_wall,
+        )
+        yield GaugeMetricFamily(
+            "headwatch_exporter_active_series",
+            "Per-head series exported on the last scrape",
+            value=self.active_series,
+        )
+        yield CounterMetricFamily(
+            "headwatch_exporter_series_dropped",
+            "Series not exported (budget or hard cap)",
+            value=self.series_dropped_total,
+        )
+        yield GaugeMetricFamily("headwatch_exporter_rebuild_seconds", "Time the last window rebuild from Kafka took", value=st.rebuild_seconds)  # fmt: skip
+
+
+def _head_values(s: ModelSnapshot, name: str, region: str | None, kind: str) -> np.ndarray:
+    if kind == "evict":
+        return s.eviction_quantile
+    if kind == "detected":
+        return s.drifted.astype(np.float64)
+    if name == "headwatch_head_drift_p_value":
+        return s.drift_p_value
+    if name == "headwatch_head_drift_distance":
+        return s.drift_distance
+    if kind == "since":
+        return s.drift_since_seconds
+    return s.means[_MEAN_CHANNEL[region or name]]
+
+
+class _ModelFamilies:
+    """Per-model and per-layer families, filled model by model."""
+
+    def __init__(self) -> None:
+        m = ["model_name"]
+        self.gauges = {
+            "kv_heads": GaugeMetricFamily("headwatch_model_kv_heads", "KV heads of the model", labels=m),
+            "kv_safe": GaugeMetricFamily("headwatch_model_kv_heads_safe", "KV heads currently safe to compress", labels=m),
+            "bytes": GaugeMetricFamily("headwatch_model_kv_reclaimable_bytes", "KV bytes per sequence freed if every safe KV head kept only sink+recent", labels=m),
+            "drifted": GaugeMetricFamily("headwatch_model_heads_drifted", "Query heads currently drifted", labels=m),
+            "changed": GaugeMetricFamily("headwatch_model_heads_pattern_changed", "Query heads whose pattern differs from the reference", labels=m),
+            "pattern": GaugeMetricFamily("headwatch_model_pattern_heads", "Query heads in each pattern", labels=[*m, "pattern"]),
+            "layer": GaugeMetricFamily("headwatch_layer_pattern_heads", "Query heads of one layer in each pattern", labels=[*m, "layer", "pattern"]),
+            "window": GaugeMetricFamily("headwatch_model_window_samples", "Sampled rows in the current window", labels=m),
+            "reference": GaugeMetricFamily("headwatch_model_reference_samples", "Sampled rows in the drift reference", labels=m),
+            "alpha": GaugeMetricFamily("headwatch_model_drift_alpha", "Per-head threshold of the drift p-value", labels=m),
+            "last": GaugeMetricFamily("headwatch_model_last_message_timestamp_seconds", "Producer timestamp of the newest message", labels=m),
+        }  # fmt: skip
+        self.messages = CounterMetricFamily(
+            "headwatch_model_messages", "Head-stats messages folded in", labels=m
+        )
+        self.context = HistogramMetricFamily(
+            "headwatch_model_context_tokens", "Context length of the sampled requests", labels=m
+        )
+
+    @staticmethod
+    def count(layers: int) -> int:
+        """Return the series one model adds outside the per-head ones."""
+        return 10 + 2 * len(PATTERNS) + layers * len(PATTERNS) + 1 + len(CONTEXT_BUCKETS) + 3
+
+    def add(self, model: str, s: ModelSnapshot) -> None:
+        """Add one model's series."""
+        g = self.gauges
+        kv_total = int(s.kv_safe.size)
+        for key, value in (
+            ("kv_heads", kv_total), ("kv_safe", int(s.kv_safe.sum())), ("bytes", s.reclaimable_bytes),
+            ("drifted", int(s.drifted.sum())), ("changed", s.heads_pattern_changed),
+            ("window", s.window_samples), ("reference", s.reference_samples),
+            ("alpha", s.drift_threshold), ("last", s.last_message_seconds),
+        ):  # fmt: skip
+            g[key].add_metric([model], float(value))
+        measured = s.valid_counts > 0
+        for code, name in enumerate(PATTERNS):
+            hit = (s.pattern == code) & measured
+            g["pattern"].add_metric([model, name], float(hit.sum()))
+            for layer, n in enumerate(hit.sum(axis=1).tolist()):
+                g["layer"].add_metric([model, str(layer), name], float(n))
+        self.messages.add_metric([model], s.messages_total)
+        cumulative = np.cumsum(s.context_counts).tolist()
+        buckets = [(f"{b:.0f}", c) for b, c in zip(CONTEXT_BUCKETS, cumulative, strict=False)]
+        buckets.append(("+Inf", cumulative[-1]))
+        self.context.add_metric([model], buckets, s.context_sum)
+
+    def families(self) -> list[Metric]:
+        """Return the filled families."""
+        return [*self.gauges.values(), self.messages, self.context]

@@ -1,0 +1,151 @@
+"""Exporter settings from the environment (`HEADWATCH_EXPORTER_...`, nested with `__`).
+
+Usage:
+    settings = ExporterSettings()  # e.g. HEADWATCH_EXPORTER_KAFKA__BOOTSTRAP_SERVERS=broker:9092
+    policy = settings.aggregate_policy()
+
+Read once at the composition root (exporter.cli); everything below it gets plain values.
+Defaults work against the local stack (Kafka on 127.0.0.1:9092).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from collector.schema import DEAD_LETTER_TOPIC, TOPIC
+from exporter.drift import DriftPolicy
+from exporter.model_state import AggregatePolicy
+from exporter.patterns import PatternThresholds
+from exporter.verdicts import VerdictPolicy
+
+REFERENCE_TOPIC = f"{TOPIC}.reference"
+
+Ratio = Annotated[float, Field(ge=0, le=1)]
+Positive = Annotated[int, Field(ge=1)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Section):
+    """Where to consume from and how."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = TOPIC
+    dead_letter_topic: str = DEAD_LETTER_TOPIC
+    reference_topic: str = REFERENCE_TOPIC
+    group_id: str = "headwatch-exporter"
+    client_id: str = "headwatch-exporter"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    max_poll_records: Positive = 500
+    poll_timeout_ms: Positive = 200
+    session_timeout_ms: Positive = 10_000
+    # Seconds to reach the broker at start-up before exiting non-zero.
+    startup_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    # CRC checks need the `crc32c` C extension to keep up; without it kafka-python's pure-Python
+    # CRC costs more than decoding. The payload carries zlib's own checksum either way.
+    check_crcs: bool = True
+
+
+class HttpSettings(_Section):
+    """Where /metrics and /healthz listen."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9464
+    # /healthz fails when the consumer loop has not turned for this long.
+    stall_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+
+class WindowSettings(_Section):
+    """Count windows per model, bounded in time by the horizon replayed after a restart."""
+
+    samples: Annotated[int, Field(ge=16, le=65536)] = 512
+    horizon_seconds: Annotated[float, Field(gt=0)] = 3600.0
+    model_ttl_seconds: Annotated[float, Field(gt=0)] = 900.0
+    max_heads_per_model: Annotated[int, Field(ge=1, le=1 << 20)] = 16384
+    evaluate_every_samples: Positive = 32
+
+
+class PatternSettings(_Section):
+    """Classification cut-offs; defaults and their origin in exporter/patterns.py."""
+
+    uniform_min_normalized_entropy: Ratio = 0.90
+    sink_min_mass: Ratio = 0.80
+    recency_min_mass: Ratio = 0.80
+    v_shaped_min_mass: Ratio = 0.80
+    v_shaped_min_each: Ratio = 0.10
+    middle_min_mass: Ratio = 0.50
+    concentrated_top_k: Positive = 16
+    concentrated_min_top_mass: Ratio = 0.50
+    concentrated_max_entropy_nats: Annotated[float, Field(ge=0)] = 2.0
+    scattered_top_k: Positive = 256
+    scattered_min_top_mass: Ratio = 0.30
+    scattered_min_entropy_nats: Annotated[float, Field(ge=0)] = 3.0
+    scattered_max_entropy_nats: Annotated[float, Field(ge=0)] = 8.0
+    dominance: Ratio = 0.5
+
+
+class VerdictSettings(_Section):
+    """Safe-to-compress: quantile of the eviction error, bounds with hysteresis."""
+
+    quantile: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    enter_bound: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    exit_bound: Annotated[float, Field(gt=0, lt=1)] = 0.08
+    min_samples: Positive = 100
+    confidence_z: Annotated[float, Field(ge=0)] = 1.645
+
+
+class DriftSettings(_Section):
+    """Drift test: count windows, family-wise alpha, effect-size floor, persistence."""
+
+    window_samples: Annotated[int, Field(ge=16)] = 256
+    min_head_samples: Positive = 100
+    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.01
+    min_distance: Ratio = 0.10
+    consecutive_windows: Positive = 3
+    reference_samples: Annotated[int, Field(ge=16)] = 1024
+
+
+class MetricsSettings(_Section):
+    """Series budget and label bounds."""
+
+    head_series_budget: Annotated[int, Field(ge=1, le=11)] = 8
+    max_series: Positive = 250_000
+    max_label_chars: Annotated[int, Field(ge=16, le=4096)] = 128
+
+
+class ExporterSettings(BaseSettings):
+    """All exporter settings; every field can be set as HEADWATCH_EXPORTER_<SECTION>__<FIELD>."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HEADWATCH_EXPORTER_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    http: HttpSettings = HttpSettings()
+    window: WindowSettings = WindowSettings()
+    patterns: PatternSettings = PatternSettings()
+    verdicts: VerdictSettings = VerdictSettings()
+    drift: DriftSettings = DriftSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    log_level: str = "INFO"
+
+    def aggregate_policy(self) -> AggregatePolicy:
+        """Return the pure-core policy these settings describe."""
+        return AggregatePolicy(
+            window_samples=self.window.samples,
+            horizon_seconds=self.window.horizon_seconds,
+            model_ttl_seconds=self.window.model_ttl_seconds,
+            max_heads_per_model=self.window.max_heads_per_model,
+            evaluate_every_samples=self.window.evaluate_every_samples,
+            patterns=PatternThresholds(**self.patterns.model_dump()),
+            verdicts=VerdictPolicy(**self.verdicts.model_dump()),
+            drift=DriftPolicy(**self.drift.model_dump()),
+        )

@@ -1,0 +1,50 @@
+"""What one model exports at one scrape: plain values, copied out of the aggregation state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Upper bounds of the context-length histogram (tokens): 128 .. 1M, doubling.
+CONTEXT_BUCKETS: tuple[float, ...] = tuple(float(2**k) for k in range(7, 21))
+
+# Order of the `means` channels (same as exporter.window.CHANNELS).
+ENTROPY, NORMALIZED_ENTROPY, SINK, RECENT, MIDDLE = range(5)
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """Per-head arrays are (layers, heads); per-KV-head arrays (layers, kv_heads)."""
+
+    model_name: str
+    model_key: str
+    shape: tuple[int, int]
+    num_kv_heads: int
+    means: np.ndarray
+    eviction_quantile: np.ndarray
+    pattern: np.ndarray
+    reference_pattern: np.ndarray | None
+    window_samples: int
+    valid_counts: np.ndarray
+    reference_samples: int
+    drift_threshold: float
+    drifted: np.ndarray
+    failing: np.ndarray
+    drift_p_value: np.ndarray
+    drift_distance: np.ndarray
+    drift_since_seconds: np.ndarray
+    kv_safe: np.ndarray
+    reclaimable_bytes: float
+    messages_total: int
+    context_counts: np.ndarray
+    context_sum: float
+    last_message_seconds: float
+
+    @property
+    def heads_pattern_changed(self) -> int:
+        """Return the number of measured heads whose pattern differs from the reference's."""
+        if self.reference_pattern is None:
+            return 0
+        measured = self.valid_counts > 0
+        return int((measured & (self.pattern != self.reference_pattern)).sum())
