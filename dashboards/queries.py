@@ -19,6 +19,7 @@ from typing import Literal
 from dashboards.alerts import alert_rules
 from dashboards.config import GenerateConfig
 from dashboards.generate import DASHBOARDS, build_dashboard, dashboard_queries
+from dashboards.promql import metric_names
 from dashboards.recording import recording_rules
 
 Source = Literal["dashboard", "variable", "alert", "recording"]
@@ -30,6 +31,19 @@ GRAFANA_BUILTINS: dict[str, str] = {
     "__range": "5m",
     "__range_s": "300",
 }
+# Series that exist only after something went wrong (a drift test failing, a bad message, a
+# dropped message, a firing alert): a healthy pipeline may legitimately return nothing for them.
+FAULT_ONLY_METRICS: frozenset[str] = frozenset(
+    {
+        "headwatch_head_drift_p_value",
+        "headwatch_head_drift_distance",
+        "headwatch_head_drift_since_timestamp_seconds",
+        "headwatch_exporter_invalid_messages_total",
+        "headwatch_collector_dropped_total",
+        "model_name_reason:headwatch_collector_dropped:rate5m",
+        "ALERTS",
+    }
+)
 _VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
 
 
@@ -40,6 +54,19 @@ class Query:
     source: Source
     where: str
     expr: str
+
+    @property
+    def expects_data(self) -> bool:
+        """Whether a healthy, reporting pipeline must return at least one series for this query.
+
+        Alert expressions return series only while their condition holds; queries over
+        FAULT_ONLY_METRICS only after a fault, unless they fall back to `or vector(0)`.
+        """
+        if self.source == "alert":
+            return False
+        if "or vector(0)" in self.expr:
+            return True
+        return not (metric_names(self.expr) & FAULT_ONLY_METRICS)
 
 
 def all_queries(config: GenerateConfig) -> list[Query]:
@@ -72,4 +99,4 @@ def substitute(expr: str, values: dict[str, str]) -> str:
 
 def to_json(queries: list[Query]) -> str:
     """Return the queries as JSON (for tools outside Python)."""
-    return json.dumps([q.__dict__ for q in queries], indent=2)
+    return json.dumps([{**q.__dict__, "expects_data": q.expects_data} for q in queries], indent=2)

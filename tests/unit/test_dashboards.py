@@ -211,3 +211,19 @@ def test_generate_rejects_bad_config_without_writing(
     assert cli.main(["generate", "--config", str(config), "--root", str(out)]) == 2
     assert "unknown metric 'headwatch_head_nope'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_queries_over_fault_only_series_are_not_expected_to_return_data() -> None:
+    by_where = {q.where: q for q in all_queries(GenerateConfig())}
+    assert by_where["headwatch-model-heads / Pattern by layer x head / A"].expects_data
+    assert not by_where["headwatch-model-heads / Drifting heads / B"].expects_data
+    assert not by_where["alert HeadwatchPatternDrift"].expects_data
+    assert by_where["headwatch-fleet / Alerts firing / A"].expects_data  # `or vector(0)`
+
+
+def test_substitute_fills_grafana_builtins_and_dashboard_variables() -> None:
+    expr = 'rate(x{model_name=~"$model_name", layer="${layer}"}[$__rate_interval])'
+    assert (
+        substitute(expr, {"model_name": "m", "layer": "3"})
+        == 'rate(x{model_name=~"m", layer="3"}[1m])'
+    )
