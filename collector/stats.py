@@ -248,13 +248,15 @@ def _refine(
     if bool(solved.all()):
         return torch.zeros_like(target)
     levels: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (top, width, chosen bin)
+    # Masses add up in float64: the count at the end divides by a per-key mass.
+    target = target.double()
     mass_above = torch.zeros_like(target)
     count_above = torch.zeros_like(target)
     top, width = high, (high - low) / _BINS
     bin_mass = torch.zeros_like(target)
     bin_count = torch.zeros_like(target)
     for _ in range(spec.refine_passes):
-        mass = torch.zeros((*target.shape, _BINS), device=target.device)
+        mass = torch.zeros((*target.shape, _BINS), device=target.device, dtype=torch.float64)
         count = torch.zeros_like(mass)
         for start in range(0, total_keys, spec.chunk_keys):
             logits = logits_of(start, min(start + spec.chunk_keys, total_keys))
@@ -265,7 +267,7 @@ def _refine(
             probs = torch.where(
                 inside, torch.exp(logits - lse[..., None]), torch.zeros_like(logits)
             )
-            mass.scatter_add_(-1, bins, probs)
+            mass.scatter_add_(-1, bins, probs.double())
             count.scatter_add_(-1, bins, inside.to(count.dtype))
         cum = mass_above[..., None] + mass.cumsum(-1)
         crossing = (cum < target[..., None]).sum(-1).clamp(max=_BINS - 1)
@@ -289,7 +291,7 @@ def _refine(
     per_key = bin_mass / bin_count.clamp(min=1)
     needed = torch.ceil(((target - mass_above) / per_key.clamp(min=1e-38)) * (1 - 1e-6))
     needed = needed.clamp(min=1).minimum(bin_count.clamp(min=1))
-    return count_above + needed
+    return (count_above + needed).float()
 
 
 def _bin_of(logits: torch.Tensor, top: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
