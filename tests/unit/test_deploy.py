@@ -183,3 +183,37 @@ def test_service_and_servicemonitor_select_the_exporter() -> None:
     assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
     # the job label becomes the Service's app.kubernetes.io/name: what rules select
     assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "headwatch-exporter"
+
+
+def _k8s_env() -> dict[str, str]:
+    container = _manifests()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in container["env"]}
+
+
+@pytest.mark.parametrize(
+    "env",
+    [_compose()["services"]["exporter"]["environment"], _k8s_env()],
+    ids=["compose", "kubernetes"],
+)
+def test_exporter_environment_is_read_by_exporter_settings(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from exporter.settings import ExporterSettings
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    settings = ExporterSettings()
+    assert settings.kafka.bootstrap_servers == env["HEADWATCH_EXPORTER_KAFKA__BOOTSTRAP_SERVERS"]
+    assert settings.http.port == 9464
+    assert settings.http.host == "0.0.0.0"
+
+
+def test_demo_environment_is_read_by_collector_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from collector.settings import CollectorSettings
+
+    for name, value in _compose()["services"]["demo"]["environment"].items():
+        monkeypatch.setenv(name, str(value))
+    settings = CollectorSettings()
+    assert settings.kafka.bootstrap_servers == "kafka:9092"
+    assert settings.metrics_port == 9465
+    assert settings.model_name == "headwatch-demo"
