@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -102,6 +102,7 @@ class Prompt:
     needle_start: int = -1
     needle_end: int = -1
     answer: str = ""
+    answer_start: int = -1
 
     @property
     def has_needle(self) -> bool:
@@ -158,7 +159,9 @@ class PromptMaker:
             text, self.source = corpus_text()
         else:
             self.source = "given text"
-        self.text_ids = np.asarray(encode(text), dtype=np.int64)
+        # Encode paragraph by paragraph: tokenizers warn about (and some truncate) long inputs.
+        pieces = [encode(chunk + "\n\n") for chunk in text.split("\n\n") if chunk.strip()]
+        self.text_ids = np.asarray([t for piece in pieces for t in piece], dtype=np.int64)
         if self.text_ids.size < 2 * MIN_CONTEXT_TOKENS:
             raise PromptError(
                 f"expected a haystack of >= {2 * MIN_CONTEXT_TOKENS} tokens, got {self.text_ids.size}"
@@ -207,6 +210,16 @@ class PromptMaker:
             needle_end=start + len(fact_ids),
             answer=answer,
         )
+
+    def with_answer(self, prompt: Prompt) -> Prompt:
+        """Return a needle prompt with its answer's tokens appended (documents come back unchanged).
+
+        The validation scores the answer tokens: a model that retrieves the fact predicts them.
+        """
+        if not prompt.has_needle:
+            return prompt
+        answer_ids = self.encode(prompt.answer)
+        return replace(prompt, ids=prompt.ids + tuple(answer_ids), answer_start=len(prompt.ids))
 
     def mixed(self, count: int, context_tokens: int, seed: int = 0) -> list[Prompt]:
         """Return `count` prompts alternating needle and document, lengths varied up to the given one.

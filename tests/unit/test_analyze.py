@@ -1,0 +1,118 @@
+"""`headwatch analyze`: model-file errors, context limits, and a full run on a tiny model directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from headwatch.analyze import check_model_files, fit_context, main
+from headwatch.prompts import Prompt, synthetic_text
+from headwatch.report.errors import ContextTooLongError, ModelFilesError
+from headwatch.training.tokenizer import save_tokenizer, train_tokenizer
+
+
+@pytest.fixture(name="model_dir", scope="module")
+def fixture_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (GQA) with a byte-level BPE tokenizer, saved like any HF model directory."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    save_tokenizer(
+        train_tokenizer([synthetic_text(30_000, seed=1)], vocab_size=320),
+        out,
+        model_max_length=1024,
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=0,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def _copy(model_dir: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for f in model_dir.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def test_analyze_writes_table_figures_and_per_head_json(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "report"
+    assert (
+        main(
+            [
+                "--model",
+                str(model_dir),
+                "--needles",
+                "2",
+                "--context-tokens",
+                "256",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "| pattern |" in printed and "layer |" in printed
+    heads = json.loads((out / "heads.json").read_text())
+    assert heads["format"] == "headwatch.head-summary.v1" and len(heads["heads"]) == 2 * 4
+    assert heads["samples"] == 2 and heads["context_tokens"] == [256, 256]
+    assert {"entropy_nats", "sink_mass", "eviction_error_p95", "pattern", "safe"} <= set(
+        heads["heads"][0]
+    )
+    assert (out / "index.html").is_file() and (out / "entropy.png").is_file()
+    assert (out / "policy" / "duo_attention" / "full_attention_heads.tsv").is_file()
+
+
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "tokenizer.json"])
+def test_missing_model_file_is_named(model_dir: Path, tmp_path: Path, missing: str) -> None:
+    broken = _copy(model_dir, tmp_path / "m")
+    (broken / missing).unlink()
+    with pytest.raises(ModelFilesError, match=r"config\.json|weights|tokenizer"):
+        check_model_files(broken)
+
+
+def test_corrupt_weights_are_named(model_dir: Path, tmp_path: Path) -> None:
+    broken = _copy(model_dir, tmp_path / "m")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelFilesError, match=r"model\.safetensors"):
+        check_model_files(broken)
+
+
+def test_corrupt_config_is_named(model_dir: Path, tmp_path: Path) -> None:
+    broken = _copy(model_dir, tmp_path / "m")
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ModelFilesError, match=r"config\.json"):
+        check_model_files(broken)
+
+
+def test_cli_reports_a_missing_model_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--model", str(tmp_path / "absent"), "--out", str(tmp_path / "r")]) == 2
+    assert "absent" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_prompt_longer_than_the_context_is_an_error() -> None:
+    with pytest.raises(ContextTooLongError, match="at most 100 tokens"):
+        fit_context([Prompt("p", "document", tuple(range(150)))], 100, truncate=False)
+
+
+def test_truncation_keeps_the_first_token_and_the_end(caplog: pytest.LogCaptureFixture) -> None:
+    (p,) = fit_context([Prompt("p", "document", tuple(range(150)))], 100, truncate=True)
+    assert len(p.ids) == 100 and p.ids[0] == 0 and p.ids[-1] == 149
+    assert "truncated" in caplog.text

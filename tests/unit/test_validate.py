@@ -1,0 +1,109 @@
+"""The validation step: per-head sink+recent restriction, KL and perplexity, safe vs unsafe heads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from headwatch.prompts import Prompt
+from headwatch.report.errors import PolicyError
+from headwatch.validate import (
+    compare,
+    effect,
+    markdown,
+    restricted_heads,
+    streaming_mask,
+    unsafe_draws,
+)
+
+LAYERS, HEADS, KV, T = 2, 4, 2, 160
+S, R = 4, 16
+
+
+@pytest.fixture(name="model", scope="module")
+def fixture_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV,
+        max_position_embeddings=512,
+    )
+    model = LlamaForCausalLM(config).eval()
+    # Hand-set heads: KV head 0 of every layer feeds query heads 0-1, whose outputs o_proj drops,
+    # so those heads cannot matter; KV head 1's query heads are left as trained (random).
+    head_dim = 64 // HEADS
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[:, : 2 * head_dim] = 0.0
+    return model
+
+
+def _prompts(n: int = 2) -> list[Prompt]:
+    gen = torch.Generator().manual_seed(1)
+    return [
+        Prompt(f"p{i}", "document", tuple(torch.randint(3, 128, (T,), generator=gen).tolist()))
+        for i in range(n)
+    ]
+
+
+def test_streaming_mask_keeps_sink_and_recent_for_restricted_heads_only() -> None:
+    mask = streaming_mask(np.array([True, False]), 10, sink=2, recent=3, device=torch.device("cpu"))
+    assert mask[0, 9].nonzero().flatten().tolist() == [0, 1, 7, 8, 9]
+    assert mask[1, 9].all() and not mask[1, 5, 6:].any()
+    assert mask[0, 3].tolist() == [True] * 4 + [False] * 6
+
+
+def test_restriction_of_no_heads_reproduces_the_model(model: LlamaForCausalLM) -> None:
+    ids = torch.tensor([_prompts(1)[0].ids])
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        with restricted_heads(model, np.zeros((LAYERS, KV), dtype=bool), S, R):
+            same = model(input_ids=ids).logits
+    torch.testing.assert_close(same, full, atol=1e-5, rtol=1e-5)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_restricting_heads_that_matter_changes_the_next_token_distribution(
+    model: LlamaForCausalLM,
+) -> None:
+    heads = np.array([[False, True], [False, True]])
+    result = effect(model, _prompts(), heads, S, R, "matter")
+    assert result.mean_kl_nats > 1e-4
+    assert result.perplexity_restricted != pytest.approx(result.perplexity_full, rel=1e-6)
+
+
+def test_safe_heads_show_a_smaller_effect_than_unsafe_heads(model: LlamaForCausalLM) -> None:
+    safe_set = np.array([[True, False], [True, False]])  # the heads whose output is dropped
+    safe, unsafe = compare(model, _prompts(), safe_set, S, R, draws=2)
+    assert safe.mean_kl_nats < 1e-6
+    assert min(e.mean_kl_nats for e in unsafe) > 100 * max(safe.mean_kl_nats, 1e-9)
+    table = markdown(safe, unsafe, LAYERS * KV, "Tiny model.")
+    assert "marked safe" in table and "| 2 of 4 |" in table
+
+
+def test_unsafe_draws_have_the_safe_set_size_and_avoid_safe_heads() -> None:
+    safe = np.array([[True, False, False], [True, False, False]])
+    for pick in unsafe_draws(safe, draws=4, seed=0):
+        assert pick.sum() == 2 and not (pick & safe).any()
+
+
+def test_validation_needs_safe_and_unsafe_heads(model: LlamaForCausalLM) -> None:
+    with pytest.raises(PolicyError, match="safe"):
+        compare(model, _prompts(1), np.zeros((LAYERS, KV), dtype=bool), S, R)
+    with pytest.raises(PolicyError, match="unsafe"):
+        compare(model, _prompts(1), np.ones((LAYERS, KV), dtype=bool), S, R)
+
+
+def test_answer_tokens_are_scored_for_needle_prompts(model: LlamaForCausalLM) -> None:
+    base = _prompts(1)[0]
+    needle = Prompt(
+        "n", "needle", base.ids, needle_start=40, needle_end=45, answer=" x", answer_start=T - 3
+    )
+    result = effect(model, [needle], np.array([[False, True], [False, True]]), S, R, "n")
+    assert np.isfinite(result.answer_nll_change_nats)
