@@ -1,0 +1,1 @@
+"""Training of the small model that headwatch ships: corpus, tokenizer, synthetic tasks, loop, export."""
