@@ -53,6 +53,11 @@ def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
             found.append(
                 (f"{dashboard['uid']} / {panel['title']} / {target['refId']}", target["expr"])
             )
+    for annotation in dashboard.get("annotations", {}).get("list", []):
+        if annotation.get("expr"):
+            found.append(
+                (f"{dashboard['uid']} / annotation {annotation['name']}", annotation["expr"])
+            )
     for variable in dashboard.get("templating", {}).get("list", []):
         if variable.get("type") == "query":
             text = variable["query"]["query"]

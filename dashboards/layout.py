@@ -6,7 +6,7 @@ from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.models import dashboard as dm
 
 from dashboards.config import GenerateConfig
-from dashboards.panels import datasource_variable
+from dashboards.panels import DATASOURCE, datasource_variable
 
 TAG = "headwatch"
 
@@ -23,6 +23,15 @@ def base_dashboard(uid: str, title: str, config: GenerateConfig) -> db.Dashboard
         .refresh(config.dashboards.refresh)
         .tooltip(dm.DashboardCursorSync.CROSSHAIR)
         .with_variable(datasource_variable())
+        .annotation(
+            # Firing headwatch alerts as annotations, so a panel shows when a page went out.
+            db.AnnotationQuery()
+            .name("headwatch alerts")
+            .datasource(DATASOURCE)
+            .enable(True)
+            .icon_color("red")
+            .expr('ALERTS{team="headwatch", alertstate="firing"}')
+        )
         .link(
             db.DashboardLink("headwatch")
             .type(dm.DashboardLinkType.DASHBOARDS)

@@ -180,6 +180,10 @@ def _safe_table(config: GenerateConfig) -> table.Panel:
             )
         )
         .unit("percentunit")
+        .override_by_name(
+            "worst eviction error p95",
+            [dm.DynamicConfigValue(id_val="custom.cellOptions", value={"type": "color-text"})],
+        )
         .thresholds(
             db.ThresholdsConfig()
             .mode(dm.ThresholdsMode.ABSOLUTE)
