@@ -73,6 +73,12 @@ class Aggregator:
             self.new_references.append(completed)
         return Fold.FOLDED
 
+    def publish_counters(self, keys: set[str] | None = None) -> None:
+        """Expose the counters of `keys` (all models if None) to scrapes: call after a commit."""
+        for key, state in self.models.items():
+            if keys is None or key in keys:
+                state.publish_counters()
+
     def take_new_references(self) -> list[Reference]:
         """Return and forget the references completed since the last call (to persist them)."""
         out, self.new_references = self.new_references, []

@@ -127,6 +127,8 @@ class ModelState:
         self.messages_total = 0
         self.context_counts = np.zeros(len(CONTEXT_BUCKETS) + 1, dtype=np.int64)
         self.context_sum = 0
+        # Counters as of the last offset commit: what a scrape shows (see publish_counters).
+        self.visible_counters: tuple[int, np.ndarray, float] = (0, self.context_counts.copy(), 0.0)
         self.last_message_seconds = 0.0
         self.last_fold_wall = now_wall
         self.folded = 0
@@ -142,6 +144,14 @@ class ModelState:
         self._reference_after = reference_after_seconds
         if self.reference is None:
             self.restart_reference(reference_after_seconds)
+
+    def publish_counters(self) -> None:
+        """Make the counters folded so far visible to scrapes (called once their offsets commit)."""
+        self.visible_counters = (
+            self.messages_total,
+            self.context_counts.copy(),
+            float(self.context_sum),
+        )
 
     def matches_layout(self, header: MessageHeader) -> bool:
         """Return whether a message has this identity's layers, heads, KV heads and dtype."""
@@ -253,8 +263,8 @@ class ModelState:
                 head_dim,
                 dtype_bytes,
             ),
-            messages_total=self.messages_total,
-            context_counts=self.context_counts.copy(),
-            context_sum=float(self.context_sum),
+            messages_total=self.visible_counters[0],
+            context_counts=self.visible_counters[1],
+            context_sum=self.visible_counters[2],
             last_message_seconds=self.last_message_seconds,
         )

@@ -44,9 +44,16 @@ class KafkaSettings(_Section):
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
-    max_poll_records: Positive = 500
+    max_poll_records: Positive = 250
     poll_timeout_ms: Positive = 200
     session_timeout_ms: Positive = 10_000
+    heartbeat_interval_ms: Positive = 3_000
+    max_poll_interval_ms: Positive = 300_000
+    request_timeout_ms: Positive = 30_000
+    metadata_max_age_ms: Positive = 300_000
+    fetch_max_wait_ms: Positive = 500
+    # Partitions of the reference topic when the exporter creates it (compacted).
+    reference_partitions: Positive = 1
     # Seconds to reach the broker at start-up before exiting non-zero.
     startup_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
     # CRC checks need the `crc32c` C extension to keep up; without it kafka-python's pure-Python

@@ -1,0 +1,350 @@
+"""Kafka adapter: the consumer-group loop that decodes, folds, dead-letters and commits.
+
+Usage:
+    service = ConsumerService(settings.kafka, settings.aggregate_policy())
+    service.run(stop_event)  # until stop_event is set; raises BrokerUnavailableError if fatal
+
+Offsets are committed only for messages already folded in (or dead-lettered and flushed).
+When partitions are assigned, state is rebuilt by seeking back `horizon_seconds` by timestamp
+(offsets_for_times) and replaying up to the committed offset: replayed messages rebuild windows
+but are not counted again, so counters continue where the previous owner's commits left them.
+Redelivered messages are recognised by message id within the window and skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from collector.schema import HeadStatsMessage, SchemaError
+from exporter.aggregate import Aggregator, Fold
+from exporter.errors import BrokerUnavailableError
+from exporter.kafka_clients import FATAL_ERRORS, ensure_topics, make_group_consumer, make_producer
+from exporter.metrics import ExporterStats
+from exporter.model_state import AggregatePolicy
+from exporter.refstore import ReferenceStore
+from exporter.settings import KafkaSettings
+from exporter.snapshot import ModelSnapshot
+
+logger = logging.getLogger(__name__)
+
+_LAG_EVERY_SECONDS = 5.0
+_EXPIRE_EVERY_SECONDS = 10.0
+_LOG_EVERY_SECONDS = 10.0
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, service: ConsumerService) -> None:
+        self._service = service
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self._service.revoked(set(revoked))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self._service.assigned(set(assigned))
+
+
+class ConsumerService:
+    """Owns the consumer, the aggregator and the counters; `scrape_view` is safe from any thread."""
+
+    def __init__(self, k: KafkaSettings, policy: AggregatePolicy, clock: Any = time.time) -> None:
+        self._k = k
+        self._clock = clock
+        self.aggregator = Aggregator(policy)
+        self._lock = threading.Lock()
+        self._consumer: KafkaConsumer | None = None
+        self._producer: KafkaProducer | None = None
+        self._store: ReferenceStore | None = None
+        self._replay_until: dict[TopicPartition, int] = {}
+        self._rebuild_started: float | None = None
+        self._pending: dict[TopicPartition, int] = {}
+        self._counts: Counter[str] = Counter()
+        self._invalid: Counter[str] = Counter()
+        self._visible = ExporterStats()
+        self._lag: dict[tuple[str, int], int] = {}
+        self._rebuild_seconds = 0.0
+        self._last_message_wall = 0.0
+        self._touched: set[str] = set()
+        self.loop_wall = 0.0
+        self.alive = False
+        self._last_log: dict[str, float] = {}
+
+    # --- views for the HTTP side -------------------------------------------------------------
+    def scrape_view(self) -> tuple[list[ModelSnapshot], ExporterStats]:
+        """Return the model snapshots and the counters as of the last successful commit."""
+        with self._lock:
+            return self.aggregator.snapshot(), self._visible
+
+    def health(self) -> dict[str, Any]:
+        """Return liveness facts for /healthz."""
+        with self._lock:
+            return {
+                "alive": self.alive,
+                "loop_age_seconds": max(0.0, self._clock() - self.loop_wall)
+                if self.loop_wall
+                else None,
+                "partitions": sorted(f"{tp.topic}[{tp.partition}]" for tp in self._replay_until),
+                "assigned_partitions": len(self._replay_until),
+                "lag_messages": sum(self._lag.values()),
+                "rebuilding": self._rebuild_started is not None,
+                "models": len(self.aggregator.models),
+            }
+
+    # --- rebalance ---------------------------------------------------------------------------
+    def revoked(self, revoked: set[TopicPartition]) -> None:
+        """Commit what was folded and forget the state of the revoked partitions."""
+        self._commit()
+        with self._lock:
+            dropped = self.aggregator.drop_partitions({tp.partition for tp in revoked})
+            for tp in revoked:
+                self._replay_until.pop(tp, None)
+                self._lag.pop((tp.topic, tp.partition), None)
+        logger.info("revoked %s; dropped %d models", sorted(str(t) for t in revoked), len(dropped))
+
+    def assigned(self, assigned: set[TopicPartition]) -> None:
+        """Seek each new partition back over the window horizon and mark what is replay."""
+        consumer = self._require_consumer()
+        horizon_ms = int((self._clock() - self.aggregator.policy.horizon_seconds) * 1000)
+        new = sorted(tp for tp in assigned if tp not in self._replay_until)
+        if not new:
+            return
+        by_time = consumer.offsets_for_times({tp: max(horizon_ms, 0) for tp in new})
+        ends = consumer.end_offsets(new)
+        for tp in new:
+            committed = consumer.committed(tp)
+            found = by_time.get(tp)
+            start = found.offset if found is not None else ends[tp]
+            if committed is not None:
+                start = min(start, committed)
+            consumer.seek(tp, start)
+            self._replay_until[tp] = committed if committed is not None else start
+            logger.info(
+                "assigned %s[%d]: replaying %d..%s, committed %s",
+                tp.topic, tp.partition, start, self._replay_until[tp], committed,
+            )  # fmt: skip
+        self._rebuild_started = self._clock()
+
+    # --- main loop ---------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Consume until `stop` is set; raise BrokerUnavailableError on unrecoverable errors."""
+        ensure_topics(self._k)
+        self._producer = make_producer(self._k)
+        self._store = ReferenceStore(self._k, self._producer)
+        records = self._store.read_all()
+        with self._lock:
+            for record in records:
+                self.aggregator.load(record)
+        logger.info("loaded %d reference records from %s", len(records), self._k.reference_topic)
+        self._consumer = make_group_consumer(self._k)
+        self._consumer.subscribe([self._k.topic], listener=_Listener(self))
+        self.alive = True
+        next_lag = next_expire = 0.0
+        try:
+            while not stop.is_set():
+                self.loop_wall = self._clock()
+                try:
+                    batches = self._consumer.poll(timeout_ms=self._k.poll_timeout_ms)
+                except FATAL_ERRORS as exc:
+                    raise BrokerUnavailableError(f"consumer: {exc!r}") from exc
+                except KafkaError as exc:
+                    self._log_limited("poll", "poll failed (will retry): %r", exc)
+                    stop.wait(0.5)
+                    continue
+                if batches:
+                    self._fold_batches(batches)
+                    self._commit()
+                self._check_rebuilt()
+                self._sync_references()
+                now = self._clock()
+                if now >= next_lag:
+                    self._update_lag()
+                    next_lag = now + _LAG_EVERY_SECONDS
+                if now >= next_expire:
+                    with self._lock:
+                        for key in self.aggregator.expire(now):
+                            logger.info("model %s expired after the TTL", key)
+                    next_expire = now + _EXPIRE_EVERY_SECONDS
+        finally:
+            self.alive = False
+            self.close()
+
+    def _fold_batches(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        now = self._clock()
+        with self._lock:
+            for tp, records in batches.items():
+                replay_until = self._replay_until.get(tp)
+                if replay_until is None:
+                    continue  # revoked while the batch was in flight
+                for record in records:
+                    replay = record.offset < replay_until
+                    self._fold_one(tp, record, replay, now)
+                    if not replay:
+                        self._pending[tp] = record.offset + 1
+            for ref in self.aggregator.take_new_references():
+                if self._store is not None:
+                    self._store.publish(ref)
+                logger.info("new drift reference for %s (%d rows)", ref.model_key, ref.samples)
+
+    def _fold_one(self, tp: TopicPartition, record: Any, replay: bool, now: float) -> None:
+        if not replay:
+            self._counts["messages"] += 1
+            self._last_message_wall = now
+        try:
+            if record.value is None:
+                raise SchemaError("decode", "empty record (tombstone)")
+            msg = HeadStatsMessage.from_bytes(record.value)
+            result = self.aggregator.fold(msg, partition=tp.partition, replay=replay, now_wall=now)
+        except SchemaError as exc:
+            self._poison(tp, record, exc.reason, exc.detail, replay)
+            return
+        except Exception as exc:  # a bug must not stop the pipeline: count, dead-letter, go on
+            logger.exception(
+                "unexpected error folding %s[%d]@%d", tp.topic, tp.partition, record.offset
+            )
+            self._poison(tp, record, "validation", f"internal error: {type(exc).__name__}", replay)
+            return
+        if result is Fold.DUPLICATE and not replay:
+            self._counts["duplicates"] += 1
+        self._touched.add(msg.header.model_key)
+
+    def _poison(
+        self, tp: TopicPartition, record: Any, reason: str, detail: str, replay: bool
+    ) -> None:
+        if replay:
+            return  # the previous owner counted and dead-lettered it
+        self._invalid[reason] += 1
+        self._log_limited(
+            f"invalid:{reason}", "invalid message at %s[%d]@%d (%s): %s",
+            tp.topic, tp.partition, record.offset, reason, detail[:200],
+        )  # fmt: skip
+        if self._producer is None:
+            return
+        headers = [
+            ("headwatch-reason", reason.encode()),
+            ("headwatch-source", f"{tp.topic}[{tp.partition}]@{record.offset}".encode()),
+            ("headwatch-detail", detail[:500].encode("utf-8", "replace")),
+        ]
+        try:
+            self._producer.send(
+                self._k.dead_letter_topic, value=record.value, key=record.key, headers=headers
+            )
+            self._counts["dead_letters_pending"] += 1
+        except KafkaError as exc:
+            self._log_limited(
+                "dlq",
+                "dead letter not sent for %s[%d]@%d: %r",
+                tp.topic,
+                tp.partition,
+                record.offset,
+                exc,
+            )
+
+    def _commit(self) -> None:
+        if not self._pending or self._consumer is None:
+            return
+        if self._counts["dead_letters_pending"] and self._producer is not None:
+            try:
+                self._producer.flush(timeout=30)
+            except KafkaError as exc:
+                self._log_limited("flush", "dead letters not flushed; not committing: %r", exc)
+                return
+        offsets = {tp: OffsetAndMetadata(o, "", -1) for tp, o in self._pending.items()}
+        try:
+            self._consumer.commit(offsets=offsets, timeout_ms=10_000)
+        except CommitFailedError as exc:
+            self._log_limited("commit", "commit refused (rebalance?): %r", exc)
+            return
+        except KafkaError as exc:
+            self._log_limited("commit", "commit failed (will retry): %r", exc)
+            return
+        self._pending.clear()
+        with self._lock:
+            self._counts["dead_letters"] += self._counts.pop("dead_letters_pending", 0)
+            self.aggregator.publish_counters(self._touched)
+            self._touched.clear()
+            self._visible = self._stats()
+
+    def _stats(self) -> ExporterStats:
+        return ExporterStats(
+            messages_total=self._counts["messages"],
+            invalid=dict(self._invalid),
+            duplicates=self._counts["duplicates"],
+            dead_letters=self._counts["dead_letters"],
+            lag=dict(self._lag),
+            assigned_partitions=len(self._replay_until),
+            last_message_wall=self._last_message_wall,
+            rebuild_seconds=self._rebuild_seconds,
+        )
+
+    def _check_rebuilt(self) -> None:
+        if self._rebuild_started is None or self._consumer is None:
+            return
+        try:
+            done = all(self._consumer.position(tp) >= end for tp, end in self._replay_until.items())
+        except KafkaError:
+            return
+        if done:
+            with self._lock:
+                self._rebuild_seconds = self._clock() - self._rebuild_started
+                self._rebuild_started = None
+                self._visible = self._stats()
+            logger.info("windows rebuilt in %.2fs", self._rebuild_seconds)
+
+    def _update_lag(self) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        tps = list(self._replay_until)
+        try:
+            ends = consumer.end_offsets(tps, timeout_ms=2000) if tps else {}
+            lag = {(tp.topic, tp.partition): max(0, ends[tp] - consumer.position(tp)) for tp in tps}
+        except KafkaError as exc:
+            self._log_limited("lag", "lag not updated: %r", exc)
+            return
+        with self._lock:
+            self._lag = lag
+            self._visible = dataclasses.replace(
+                self._visible, lag=dict(lag), assigned_partitions=len(tps)
+            )
+
+    def _sync_references(self) -> None:
+        if self._store is None:
+            return
+        try:
+            records = self._store.poll()
+        except KafkaError as exc:
+            self._log_limited("refs", "reference topic not read: %r", exc)
+            return
+        if records:
+            with self._lock:
+                for record in records:
+                    self.aggregator.load(record)
+
+    def _require_consumer(self) -> KafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("expected a running consumer, got none")
+        return self._consumer
+
+    def _log_limited(self, key: str, fmt: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last_log.get(key, -1e9) >= _LOG_EVERY_SECONDS:
+            self._last_log[key] = now
+            logger.warning(fmt, *args)
+
+    def close(self) -> None:
+        """Close the Kafka clients (the group leaves, so partitions move at once)."""
+        for client in (self._consumer, self._producer, self._store):
+            if client is not None:
+                try:
+                    client.close()
+                except Exception as exc:  # closing must not mask the reason we are closing
+                    logger.warning("error closing %s: %r", type(client).__name__, exc)
+        self._consumer = self._producer = self._store = None
