@@ -118,7 +118,6 @@ class PassCollector:
             return
         try:
             self._local.plan = self._decide(args, kwargs)
-            self.guard.succeeded()
         except Exception:
             self.guard.failed("pass decision")
 
@@ -175,7 +174,7 @@ class PassCollector:
         kwargs: dict[str, Any],
     ) -> None:
         plan: PassPlan | None = getattr(self._local, "plan", None)
-        if plan is None or not self.sampler.is_layer_sampled(layer):
+        if plan is None or not self.guard.enabled or not self.sampler.is_layer_sampled(layer):
             return
         started = time.perf_counter()
         try:
@@ -237,6 +236,6 @@ class PassCollector:
                 )
                 for message in messages:
                     self._emit(message)
-            self.guard.succeeded()
+                self.guard.succeeded()
         except Exception:
             self.guard.failed("message assembly")

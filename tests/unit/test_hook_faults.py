@@ -1,0 +1,129 @@
+"""Bad input and faults: clear errors at attach time, nothing ever raised into the forward pass."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama import modeling_llama
+
+import collector.runtime
+from collector import MemorySink, attach
+from collector.errors import SettingsError, UnsupportedModelError
+
+CONFIG = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128,
+)  # fmt: skip
+
+
+def llama(implementation: str = "sdpa") -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM._from_config(LlamaConfig(**CONFIG), attn_implementation=implementation).eval()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"sample_rate": 1.5}, "sample_rate: expected a value less than or equal to 1, got 1.5"),
+        ({"sample_rate": 0.0}, "sample_rate: expected a value greater than 0, got 0.0"),
+        ({"recent_tokens": -1}, "recent_tokens: expected a value greater than or equal to 0, got -1"),
+        ({"sink_tokens": -4}, "sink_tokens: expected a value greater than or equal to 0, got -4"),
+        ({"stats": ("entropy_nats", "median_mass")}, "got 'median_mass'"),
+        ({"layers": (0, 7)}, "layers: expected indices below 2, got (0, 7)"),
+    ],
+)
+def test_bad_settings_raise_at_attach_time(overrides: dict[str, object], expected: str) -> None:
+    with pytest.raises(SettingsError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        attach(llama(), sink=MemorySink(), **overrides)
+
+
+def test_unsupported_attention_implementation_is_named() -> None:
+    model = llama()
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(UnsupportedModelError, match="'flex_attention'"):
+        attach(model, sink=MemorySink())
+
+
+def test_encoder_decoder_is_rejected() -> None:
+    model = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_ff=16, d_kv=4, num_layers=1, num_heads=2))
+    with pytest.raises(UnsupportedModelError, match="T5ForConditionalGeneration"):
+        attach(model, sink=MemorySink())
+
+
+def test_detach_restores_every_attention_function() -> None:
+    before = {k: ALL_ATTENTION_FUNCTIONS[k] for k in ALL_ATTENTION_FUNCTIONS}
+    eager = modeling_llama.eager_attention_forward
+    model, other = llama(), llama("eager")
+    with attach(model, sink=MemorySink()), attach(other, sink=MemorySink()):
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not before["sdpa"]
+        assert modeling_llama.eager_attention_forward is not eager
+    assert {k: ALL_ATTENTION_FUNCTIONS[k] for k in ALL_ATTENTION_FUNCTIONS} == before
+    assert modeling_llama.eager_attention_forward is eager
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_failures_are_counted_logged_and_disable_the_hook(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(collector.runtime, "row_statistics", broken)
+    model = llama()
+    ids = torch.randint(0, 64, (1, 20))
+    with torch.no_grad():
+        expected = model(ids).logits
+    sink = MemorySink()
+    with caplog.at_level(logging.WARNING, logger="collector.runtime"), torch.no_grad(), attach(
+        model, sink=sink, sample_rate=1.0, min_context_tokens=0, max_consecutive_errors=3,
+        max_sampled_passes_per_second=100.0,
+    ) as handle:  # fmt: skip
+        for _ in range(4):
+            assert torch.equal(model(ids).logits, expected)
+        assert handle.errors == 3
+        assert not handle.enabled
+        assert handle.metrics.value("headwatch_collector_hook_errors_total", model_name="llama") == 3
+        assert handle.metrics.value("headwatch_collector_hook_enabled", model_name="llama") == 0
+    assert sink.messages == []
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1
+
+
+def test_fully_masked_sequence_is_flagged_not_raised() -> None:
+    model = llama("eager")
+    ids = torch.randint(0, 64, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :] = 0  # a sequence that is all padding: its rows see no key at all
+    sink = MemorySink()
+    with torch.no_grad(), attach(model, sink=sink, sample_rate=1.0, min_context_tokens=0) as handle:
+        model(ids, attention_mask=mask)
+    assert handle.errors == 0
+    assert len(sink.messages) == 1  # the all-padding sequence has no query token to measure
+
+
+def test_non_finite_values_are_flagged() -> None:
+    model = llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight[0, 0] = float("nan")
+    sink = MemorySink()
+    with torch.no_grad(), attach(model, sink=sink, sample_rate=1.0, min_context_tokens=0) as handle:
+        model(torch.randint(0, 64, (1, 16)))
+    assert handle.errors == 0
+    (message,) = sink.messages
+    assert "non_finite" in message.flags
+    assert message.valid[0].all()
+
+
+def test_unsampled_passes_do_no_tensor_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = collector.runtime.row_statistics
+    monkeypatch.setattr(collector.runtime, "row_statistics", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = llama()
+    sink = MemorySink()
+    with torch.no_grad(), attach(model, sink=sink, sample_rate=1.0, min_context_tokens=1000):
+        model(torch.randint(0, 64, (1, 16)))
+    assert calls == [] and sink.messages == []
