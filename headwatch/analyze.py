@@ -103,7 +103,7 @@ def encoder(tokenizer: Any) -> Callable[[str], list[int]]:
     """Return a function that encodes text with `tokenizer`, without special tokens."""
 
     def encode(s: str) -> list[int]:
-        return list(tokenizer(s, add_special_tokens=False).input_ids)
+        return list(tokenizer(s, add_special_tokens=False, verbose=False).input_ids)
 
     return encode
 

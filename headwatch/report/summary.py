@@ -123,19 +123,22 @@ def summarize(
     messages: Sequence[HeadStatsMessage],
     thresholds: PatternThresholds | None = None,
     policy: VerdictPolicy = ANALYSIS_POLICY,
+    patterns: np.ndarray | None = None,
     safe_kv_heads: np.ndarray | None = None,
     verdict_source: str = "exporter rules on these samples",
 ) -> HeadSummary:
     """Return the per-head summary of `messages` with the exporter's patterns and verdicts.
 
-    `safe_kv_heads` (layers, kv_heads), when given, replaces the verdicts (e.g. a running exporter's).
+    `patterns` (layers, heads) names and `safe_kv_heads` (layers, kv_heads), when given, replace
+    the labels and verdicts computed here (e.g. with those of a running exporter's aggregation).
     """
     thresholds = thresholds or PatternThresholds()
     stacked = stack_stats(messages)
     with np.errstate(all="ignore"):
         means = {k: np.nanmean(v, axis=0) for k, v in stacked.items()}
     h = messages[0].header
-    patterns = head_patterns(classify_rows(stacked, thresholds), thresholds.dominance)
+    if patterns is None:
+        patterns = head_patterns(classify_rows(stacked, thresholds), thresholds.dominance)
     p95, safe_q, safe_kv = head_verdicts(stacked["eviction_error"], h.num_kv_heads, policy)
     if safe_kv_heads is not None:
         if safe_kv_heads.shape != safe_kv.shape:

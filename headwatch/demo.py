@@ -1,0 +1,283 @@
+"""`headwatch demo`: the bundled model, the real collector and the exporter's aggregation in one process.
+
+Usage:
+    headwatch demo                       # about a minute on 2 CPU cores; /metrics on 127.0.0.1:9464
+    headwatch demo --serve --port 9500   # keep /metrics up until Ctrl-C
+    headwatch demo --kafka 127.0.0.1:9092   # publish to a real broker; `headwatch exporter` consumes
+
+Runs long-context requests (needle-in-a-haystack prompts and plain documents of varied lengths)
+through the bundled model with the collector attached, folds every message into the exporter's
+aggregation in-process, serves its /metrics on 127.0.0.1 while it runs, prints the layer x head
+pattern map and the study-style table, and writes a report folder (figures, index.html,
+heads.json, a compression policy). Verdicts use the exporter's rule with a minimum of one sample
+per head: with few samples its upper confidence bound of the p95 is the largest error seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headwatch.report.errors import HeadwatchToolError, PortInUseError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REQUESTS = 12
+DEFAULT_CONTEXT_TOKENS = 2048
+
+
+class LiveAggregation:
+    """The exporter's Aggregator behind a lock, fed by the collector's sink, scraped by /metrics.
+
+    Usage:
+        live = LiveAggregation(settings.aggregate_policy())
+        live.publish(message)   # the Sink protocol: called on the forward thread
+    """
+
+    def __init__(self, policy: Any, forward_to: Any = None) -> None:
+        from exporter.aggregate import Aggregator
+
+        self._lock = threading.Lock()
+        self.aggregator = Aggregator(policy)
+        self.forward_to = forward_to
+        self.messages: list[Any] = []
+        self.folded = 0
+
+    def publish(self, message: Any) -> None:
+        """Keep the message; fold it in-process, or hand it to the Kafka sink in --kafka mode."""
+        with self._lock:
+            self.messages.append(message)
+            if self.forward_to is not None:
+                self.forward_to.publish(message)
+                return
+            self.aggregator.fold(message, partition=0, replay=False, now_wall=time.time())
+            self.folded += 1
+
+    def close(self, timeout_seconds: float | None = None) -> None:
+        """Close the Kafka sink, if any (flushing within its time bound)."""
+        if self.forward_to is not None:
+            self.forward_to.close(timeout_seconds)
+
+    def snapshots(self) -> list[Any]:
+        """Return the exporter's per-model snapshots with up-to-date verdicts."""
+        with self._lock:
+            for state in self.aggregator.models.values():
+                state.evaluate_verdicts()
+            return self.aggregator.snapshot()
+
+    def scrape_view(self) -> tuple[list[Any], Any]:
+        """Return what the exporter's Prometheus collector renders at one scrape."""
+        from exporter.metrics import ExporterStats
+
+        snapshots = self.snapshots()
+        stats = ExporterStats(messages_total=self.folded, last_message_wall=time.time())
+        return snapshots, stats
+
+
+def serve_metrics(live: LiveAggregation, host: str, port: int, limits: Any) -> Any:
+    """Serve the exporter's metrics of `live` on http://host:port/metrics; return the server."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from exporter.metrics import HeadwatchCollector
+
+    registry = CollectorRegistry()
+    registry.register(HeadwatchCollector(live.scrape_view, limits))
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(
+                f"expected port {port} on {host} to be free for /metrics, got it in use; "
+                f"pass --port with another port"
+            ) from exc
+        raise PortInUseError(f"expected to serve /metrics on {host}:{port}, got {exc}") from exc
+    return server
+
+
+def exporter_settings(port: int | None) -> Any:
+    """Return ExporterSettings for the in-process aggregation (env vars apply, as in the exporter)."""
+    from exporter.settings import ExporterSettings
+
+    base = ExporterSettings()
+    overrides: dict[str, Any] = {
+        "verdicts": {**base.verdicts.model_dump(), "min_samples": 1},
+        "window": {**base.window.model_dump(), "evaluate_every_samples": 1},
+    }
+    if port is not None:
+        overrides["http"] = {**base.http.model_dump(), "port": port}
+    return ExporterSettings(**overrides)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="headwatch demo", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=DEFAULT_REQUESTS,
+        help=f"long-context requests to run (default {DEFAULT_REQUESTS})",
+    )
+    p.add_argument(
+        "--context-tokens",
+        type=int,
+        default=DEFAULT_CONTEXT_TOKENS,
+        help=f"longest prompt in tokens; others are 3/4 and 1/2 of it (default {DEFAULT_CONTEXT_TOKENS})",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="/metrics port on 127.0.0.1 (default: the exporter's, 9464)",
+    )
+    p.add_argument(
+        "--serve", action="store_true", help="keep /metrics up after the run until Ctrl-C"
+    )
+    p.add_argument(
+        "--kafka",
+        metavar="BOOTSTRAP",
+        default=None,
+        help="publish to this Kafka broker instead of folding in-process",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="report folder (default ./reports/demo-<time>/)"
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a local HF causal-LM directory instead of the bundled model",
+    )
+    p.add_argument("--recent-tokens", type=int, default=None, help="R (default 64)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
+    return p
+
+
+def _kafka_sink(bootstrap: str) -> Any:
+    from collector import KafkaSink
+    from collector.settings import KafkaSettings
+
+    return KafkaSink(KafkaSettings(bootstrap_servers=bootstrap))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo with parsed arguments; return the exit status."""
+    from headwatch.analyze import (
+        RECENT_TOKENS,
+        SINK_TOKENS,
+        fit_context,
+        load_model,
+        max_context,
+        measure,
+        prompt_maker,
+    )
+    from exporter.patterns import PATTERNS
+    from headwatch.report.build import build_report, default_out
+    from headwatch.report.summary import summarize
+    from headwatch.report.table import markdown_table, pattern_map_text, study_rows
+
+    started = time.perf_counter()
+    settings = exporter_settings(args.port)
+    out = args.out or default_out("demo")
+    recent = args.recent_tokens or RECENT_TOKENS
+    live = LiveAggregation(
+        settings.aggregate_policy(), _kafka_sink(args.kafka) if args.kafka else None
+    )
+    server = None
+    if args.kafka is None:
+        from exporter.metrics import SeriesLimits
+
+        limits = SeriesLimits(**settings.metrics.model_dump())
+        server = serve_metrics(live, settings.http.host, settings.http.port, limits)
+        print(
+            f"/metrics: http://{settings.http.host}:{settings.http.port}/metrics", file=sys.stderr
+        )
+    try:
+        model, tokenizer, name = load_model(args.model, args.device)
+        maker = prompt_maker(tokenizer)
+        prompts = fit_context(
+            maker.mixed(args.requests, args.context_tokens, args.seed),
+            max_context(model),
+            truncate=False,
+        )
+        measure(model, prompts, name, SINK_TOKENS, recent, sink=live)
+        if not live.messages:
+            raise HeadwatchToolError("expected head-stats messages from the collector, got none")
+        if args.kafka:
+            summary = summarize(
+                live.messages,
+                verdict_source="exporter rules on these samples (local copy; published to Kafka)",
+            )
+        else:
+            (snap,) = [s for s in live.snapshots() if s.model_name == name]
+            summary = summarize(
+                live.messages,
+                patterns=np.asarray(PATTERNS, dtype=object)[snap.pattern],
+                safe_kv_heads=snap.kv_safe,
+                verdict_source="exporter aggregation, in-process",
+            )
+        print(pattern_map_text(summary))
+        print()
+        print(markdown_table(study_rows(summary)))
+        needle = next((p for p in prompts if p.has_needle), prompts[0])
+        facts = {
+            "model": name,
+            "requests": f"{len(prompts)} ({sum(p.has_needle for p in prompts)} needle-in-a-haystack, the rest plain documents; {min(len(p.ids) for p in prompts):,}-{max(len(p.ids) for p in prompts):,} tokens)",
+            "haystack text": maker.source,
+            "transport": f"Kafka at {args.kafka}"
+            if args.kafka
+            else "in-memory, folded by the exporter's aggregation in-process",
+        }
+        build_report(out, f"headwatch demo: {name}", summary, model, needle, facts)
+        live.close(10.0)
+        print(f"\nreport: {out}/index.html  ({time.perf_counter() - started:.1f} s)")
+        if args.kafka:
+            print(
+                f"published {len(live.messages)} messages to {args.kafka}; run `headwatch exporter` to serve them"
+            )
+        if args.serve and server is not None:
+            print(
+                f"serving /metrics on http://{settings.http.host}:{settings.http.port}/metrics until Ctrl-C"
+            )
+            _wait_for_interrupt()
+    finally:
+        if server is not None:
+            server.shutdown()
+    return 0
+
+
+def _wait_for_interrupt() -> None:
+    """Block until Ctrl-C or SIGTERM."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        print("stopped serving /metrics", file=sys.stderr)
+
+
+def main(argv: list[str]) -> int:
+    """Run `headwatch demo`; return the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.requests < 1 or args.context_tokens < 128:
+        print(
+            f"headwatch demo: expected --requests >= 1 and --context-tokens >= 128, got {args.requests} and {args.context_tokens}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        return run(args)
+    except HeadwatchToolError as exc:
+        print(f"headwatch demo: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("headwatch demo: interrupted; no report was written", file=sys.stderr)
+        return 130

@@ -1,0 +1,130 @@
+"""`headwatch demo`: in-process aggregation, /metrics, port errors and a full run on a tiny model."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from exporter.metrics import SeriesLimits
+from headwatch.analyze import measure, prompt_maker
+from headwatch.demo import LiveAggregation, exporter_settings, main, serve_metrics
+from headwatch.prompts import synthetic_text
+from headwatch.report.errors import PortInUseError
+from headwatch.training.tokenizer import save_tokenizer, train_tokenizer
+
+
+@pytest.fixture(name="model_dir", scope="module")
+def fixture_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (GQA) with a byte-level BPE tokenizer, saved like any HF model directory."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    save_tokenizer(
+        train_tokenizer([synthetic_text(30_000, seed=1)], vocab_size=320),
+        out,
+        model_max_length=1024,
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=0,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_demo_folds_messages_and_serves_the_exporters_metrics(model_dir: Path) -> None:
+    from headwatch.analyze import load_model
+
+    model, tokenizer, name = load_model(model_dir)
+    settings = exporter_settings(None)
+    live = LiveAggregation(settings.aggregate_policy())
+    prompts = prompt_maker(tokenizer).mixed(3, 256, seed=0)
+    measure(model, prompts, name, 4, 32, sink=live, progress=False)
+    assert live.folded == 3 and len(live.messages) == 3
+    server = serve_metrics(live, "127.0.0.1", 0, SeriesLimits())
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{server.server_port}/metrics", timeout=10
+        ) as r:
+            body = r.read().decode()
+    finally:
+        server.shutdown()
+    assert (
+        f'headwatch_kv_head_safe_to_compress{{kv_head="0",layer="0",model_name="{name}"}}' in body
+    )
+    assert body.count("headwatch_head_pattern{") == 2 * 4
+    assert "headwatch_model_kv_reclaimable_bytes" in body
+
+
+def test_port_in_use_is_a_clear_error_naming_the_port() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        live = LiveAggregation(exporter_settings(None).aggregate_policy())
+        with pytest.raises(PortInUseError, match=f"port {port}"):
+            serve_metrics(live, "127.0.0.1", port, SeriesLimits())
+
+
+def test_demo_run_prints_the_table_and_writes_the_report(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    args = [
+        "--model",
+        str(model_dir),
+        "--requests",
+        "4",
+        "--context-tokens",
+        "256",
+        "--port",
+        str(_free_port()),
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "layer |" in printed and "| pattern |" in printed and "index.html" in printed
+    page = (out / "index.html").read_text()
+    assert 'src="entropy.png"' in page and 'src="masses.png"' in page
+    assert (out / "heads.json").is_file() and (out / "policy" / "policy.json").is_file()
+
+
+def test_demo_refuses_a_taken_port_before_loading_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert (
+            main(
+                [
+                    "--model",
+                    str(tmp_path / "absent"),
+                    "--port",
+                    str(port),
+                    "--out",
+                    str(tmp_path / "r"),
+                ]
+            )
+            == 2
+        )
+    assert f"port {port}" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
