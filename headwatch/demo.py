@@ -170,6 +170,7 @@ def _kafka_sink(bootstrap: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo with parsed arguments; return the exit status."""
+    from exporter.patterns import PATTERNS
     from headwatch.analyze import (
         RECENT_TOKENS,
         SINK_TOKENS,
@@ -179,7 +180,6 @@ def run(args: argparse.Namespace) -> int:
         measure,
         prompt_maker,
     )
-    from exporter.patterns import PATTERNS
     from headwatch.report.build import build_report, default_out
     from headwatch.report.summary import summarize
     from headwatch.report.table import markdown_table, pattern_map_text, study_rows
