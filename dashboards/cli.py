@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument(
         "--dry-run", action="store_true", help="print what would change, change nothing"
     )
+    push.add_argument(
+        "--alert-rules",
+        action="store_true",
+        help="also upsert the alerts as Grafana-managed alert rules (when Grafana notifies)",
+    )
     push.add_argument("--config", type=Path, help="YAML generation config (default: built-in)")
     push.add_argument("--timeout", type=float, default=10.0, help="HTTP timeout in seconds")
     return parser

@@ -128,6 +128,13 @@ class GenerateConfig(_Frozen):
     collector_job: str = Field(
         default="headwatch-collector", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$"
     )
+    # Grafana-managed copies of the alerts (optional): which Prometheus datasource and folder.
+    grafana_datasource_uid: str = Field(
+        default="headwatch-prometheus", min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$"
+    )
+    grafana_folder_uid: str = Field(
+        default="headwatch", min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$"
+    )
     runbook_base_url: str = Field(
         default="https://github.com/headwatch/headwatch/blob/main/docs/runbooks.md", min_length=1
     )

@@ -19,6 +19,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from dashboards import fleet, head_detail, model_heads, pipeline
 from dashboards.config import GenerateConfig
 from dashboards.docs import render_panel_docs
+from dashboards.grafana_alerts import ALERTING_FILE, render_alerting_file
 from dashboards.rulefiles import render_rule_files
 from dashboards.validate import check_queries
 
@@ -27,6 +28,7 @@ _LABEL_VALUES = re.compile(r"^label_values\((.*),\s*\w+\)$", re.DOTALL)
 
 GRAFANA_DIR = "dashboards/generated/grafana"
 RULES_DIR = "dashboards/generated/rules"
+GRAFANA_ALERTING_DIR = "dashboards/generated/grafana-alerting"
 PANEL_DOCS = "docs/dashboards.md"
 
 # file stem -> builder; the stem is also the dashboard's place in docs/dashboards.md.
@@ -89,6 +91,7 @@ def render_all(config: GenerateConfig) -> dict[str, str]:
         files[f"{GRAFANA_DIR}/{stem}.json"] = json.dumps(model, indent=2, sort_keys=True) + "\n"
     for name, text in render_rule_files(config).items():
         files[f"{RULES_DIR}/{name}"] = text
+    files[f"{GRAFANA_ALERTING_DIR}/{ALERTING_FILE}"] = render_alerting_file(config)
     files[PANEL_DOCS] = render_panel_docs(models)
     return files
 
@@ -114,7 +117,7 @@ def stale_files(files: dict[str, str], root: Path) -> list[str]:
         path = root / relative
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             stale.append(relative)
-    for directory in (GRAFANA_DIR, RULES_DIR):
+    for directory in (GRAFANA_DIR, RULES_DIR, GRAFANA_ALERTING_DIR):
         for path in sorted((root / directory).glob("*.*")):
             relative = path.relative_to(root).as_posix()
             if relative not in files:

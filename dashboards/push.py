@@ -36,7 +36,7 @@ _SERVER_KEYS = ("id", "version", "iteration")
 class Change:
     """What pushing one object would do: create it, update it (with a diff) or leave it."""
 
-    kind: Literal["folder", "dashboard"]
+    kind: Literal["folder", "dashboard", "alert-rule"]
     uid: str
     title: str
     action: Action
@@ -45,7 +45,7 @@ class Change:
 
     def describe(self) -> str:
         """Return one line saying what happens to this object."""
-        return f"{self.action:9} {self.kind:9} {self.uid} ({self.title})"
+        return f"{self.action:9} {self.kind:10} {self.uid} ({self.title})"
 
 
 def folder_uid(title: str) -> str:
@@ -53,7 +53,7 @@ def folder_uid(title: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", title).strip("-").lower()[:40] or "headwatch"
 
 
-def _get(call: Any, *args: Any) -> dict[str, Any] | None:
+def get_or_none(call: Any, *args: Any) -> dict[str, Any] | None:
     """Call a grafana-client getter; return None on 404, raise GrafanaError on anything else."""
     try:
         result: dict[str, Any] = call(*args)
@@ -79,7 +79,7 @@ def _dashboard_change(api: GrafanaApi, model: dict[str, Any], folder: str) -> Ch
         "overwrite": True,
         "message": "headwatch dashboards push",
     }
-    current = _get(api.dashboard.get_dashboard, uid)
+    current = get_or_none(api.dashboard.get_dashboard, uid)
     if current is None:
         return Change("dashboard", uid, title, "create", payload=payload)
     old, new = _normalised(current.get("dashboard", {})), _normalised(model)
@@ -99,7 +99,7 @@ def _dashboard_change(api: GrafanaApi, model: dict[str, Any], folder: str) -> Ch
 def plan(api: GrafanaApi, folder_title: str, models: list[dict[str, Any]]) -> list[Change]:
     """Return the changes pushing `models` into folder `folder_title` would make (reads only)."""
     uid = folder_uid(folder_title)
-    folder = _get(api.folder.get_folder, uid)
+    folder = get_or_none(api.folder.get_folder, uid)
     if folder is None:
         changes = [Change("folder", uid, folder_title, "create")]
     elif folder.get("title") != folder_title:
@@ -128,6 +128,10 @@ def apply(api: GrafanaApi, changes: list[Change]) -> int:
                 api.folder.create_folder(change.title, uid=change.uid)
             elif change.kind == "folder":
                 api.folder.update_folder(change.uid, title=change.title, overwrite=True)
+            elif change.kind == "alert-rule" and change.action == "create":
+                api.alertingprovisioning.create_alertrule(change.payload)
+            elif change.kind == "alert-rule":
+                api.alertingprovisioning.update_alertrule(change.uid, change.payload)
             else:
                 api.dashboard.update_dashboard(change.payload)
         except GrafanaException as exc:
@@ -145,6 +149,11 @@ def push_from_cli(args: argparse.Namespace, config: GenerateConfig) -> int:
     models = [build_dashboard(builder, config) for builder in DASHBOARDS.values()]
     try:
         changes = plan(api, args.folder, models)
+        if args.alert_rules:
+            from dashboards.grafana_alerts import grafana_rules
+            from dashboards.push_alerts import plan_alert_rules
+
+            changes += plan_alert_rules(api, grafana_rules(config, folder_uid(args.folder)))
     except OSError as exc:  # connection refused, DNS: niquests errors derive from OSError
         raise GrafanaError(f"cannot reach Grafana at {args.url}: {exc}") from exc
     for change in changes:

@@ -43,8 +43,13 @@ def _recording_dict(rule: RecordingRule) -> dict[str, Any]:
     return {"record": rule.record, "expr": rule.expr}
 
 
+def block_yaml(document: dict[str, Any]) -> str:
+    """Return YAML with multi-line strings (PromQL) as readable `|` blocks, keys in order."""
+    return yaml.dump(document, Dumper=_BlockDumper, sort_keys=False, width=100)
+
+
 def _dump(document: dict[str, Any]) -> str:
-    return _HEADER + yaml.dump(document, Dumper=_BlockDumper, sort_keys=False, width=100)
+    return _HEADER + block_yaml(document)
 
 
 def render_rule_files(config: GenerateConfig) -> dict[str, str]:

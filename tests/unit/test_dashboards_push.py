@@ -29,6 +29,7 @@ class ReplayedGrafana:
 
     folders: dict[str, dict[str, Any]] = field(default_factory=dict)
     dashboards: dict[str, dict[str, Any]] = field(default_factory=dict)
+    alert_rules: dict[str, dict[str, Any]] = field(default_factory=dict)
     requests: list[tuple[str, str, str, Any]] = field(default_factory=list)
 
     def writes(self) -> list[tuple[str, str]]:
@@ -68,6 +69,29 @@ def _handler(state: ReplayedGrafana) -> type[BaseHTTPRequestHandler]:
                 if saved is None:
                     return self._reply(404, {"message": "Dashboard not found"})
                 return self._reply(200, saved)
+            if self.path.startswith("/api/v1/provisioning/alert-rules/"):
+                rule = state.alert_rules.get(self.path.rsplit("/", 1)[1])
+                if rule is None:
+                    return self._reply(404, {"message": "rule not found"})
+                return self._reply(200, rule)
+            return self._reply(404, {"message": "Not found"})
+
+        def _store_rule(self, body: dict[str, Any]) -> dict[str, Any]:
+            # Grafana adds these fields to what it stores and returns
+            stored = {
+                **body,
+                "id": 7,
+                "orgID": 1,
+                "updated": "2026-01-01T00:00:00Z",
+                "provenance": "api",
+            }
+            state.alert_rules[body["uid"]] = stored
+            return stored
+
+        def do_PUT(self) -> None:
+            body = self._record()
+            if self.path.startswith("/api/v1/provisioning/alert-rules/"):
+                return self._reply(200, self._store_rule(body))
             return self._reply(404, {"message": "Not found"})
 
         def do_POST(self) -> None:
@@ -88,6 +112,8 @@ def _handler(state: ReplayedGrafana) -> type[BaseHTTPRequestHandler]:
                 }
                 return self._reply(200, {"id": stored["id"], "uid": model["uid"], "status": "success",
                                          "version": version, "url": f"/d/{model['uid']}"})  # fmt: skip
+            if self.path == "/api/v1/provisioning/alert-rules":
+                return self._reply(201, self._store_rule(body))
             return self._reply(404, {"message": "Not found"})
 
     return Handler
@@ -142,8 +168,8 @@ def test_dry_run_writes_nothing_and_prints_the_plan(
     assert _push(url, "--dry-run") == 0
     out = capsys.readouterr().out
     assert state.writes() == []
-    assert "create    folder    headwatch" in out
-    assert "create    dashboard headwatch-fleet" in out
+    assert "create    folder     headwatch" in out
+    assert "create    dashboard  headwatch-fleet" in out
     assert "dry run: 5 change(s) not applied" in out
 
 
@@ -156,10 +182,10 @@ def test_dry_run_shows_a_diff_for_a_dashboard_edited_in_grafana(
     capsys.readouterr()
     assert _push(url, "--dry-run") == 0
     out = capsys.readouterr().out
-    assert "update    dashboard headwatch-pipeline" in out
+    assert "update    dashboard  headwatch-pipeline" in out
     assert '-  "title": "edited by hand",' in out
     assert '+  "title": "headwatch / Pipeline health",' in out
-    assert "unchanged dashboard headwatch-fleet" in out
+    assert "unchanged dashboard  headwatch-fleet" in out
 
 
 def test_unreachable_grafana_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -173,3 +199,33 @@ def test_missing_token_is_refused(
     monkeypatch.delenv("GRAFANA_TOKEN", raising=False)
     assert cli.main(["push", "--url", "http://127.0.0.1:9"]) == 2
     assert "needs a Grafana token" in capsys.readouterr().err
+
+
+def test_alert_rules_are_created_once_then_left_alone(grafana: tuple[str, ReplayedGrafana]) -> None:
+    url, state = grafana
+    assert _push(url, "--alert-rules") == 0
+    created = [
+        body
+        for method, path, _, body in state.requests
+        if path == "/api/v1/provisioning/alert-rules"
+    ]
+    assert {r["uid"] for r in created} >= {"hw-patterndrift", "hw-safekvheadbecameunsafe"}
+    assert all(r["folderUID"] == "headwatch" and r["condition"] == "C" for r in created)
+    drift = next(r for r in created if r["uid"] == "hw-patterndrift")
+    assert (
+        drift["data"][0]["model"]["expr"]
+        == "max by (model_name) (headwatch_model_heads_drifted) >= 3"
+    )
+    assert drift["labels"] == {"severity": "warning", "team": "headwatch"}
+    state.requests.clear()
+    assert _push(url, "--alert-rules") == 0
+    assert state.writes() == []
+
+
+def test_an_alert_rule_changed_in_grafana_is_put_back(grafana: tuple[str, ReplayedGrafana]) -> None:
+    url, state = grafana
+    assert _push(url, "--alert-rules") == 0
+    state.alert_rules["hw-exporterdown"]["for"] = "1h"
+    state.requests.clear()
+    assert _push(url, "--alert-rules") == 0
+    assert state.writes() == [("PUT", "/api/v1/provisioning/alert-rules/hw-exporterdown")]

@@ -217,3 +217,13 @@ def test_demo_environment_is_read_by_collector_settings(monkeypatch: pytest.Monk
     assert settings.kafka.bootstrap_servers == "kafka:9092"
     assert settings.metrics_port == 9465
     assert settings.model_name == "headwatch-demo"
+
+
+def test_grafana_datasource_uid_is_the_one_grafana_alert_rules_use() -> None:
+    from dashboards.config import GenerateConfig
+
+    sources = _yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "headwatch.yml")[
+        "datasources"
+    ]
+    prometheus = next(s for s in sources if s["type"] == "prometheus")
+    assert prometheus["uid"] == GenerateConfig().grafana_datasource_uid

@@ -145,3 +145,18 @@ def test_rules_generated_from_a_custom_config_pass_promtool(tmp_path: Path) -> N
         paths.append(str(tmp_path / name))
     result = _promtool("check", "rules", *paths)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_grafana_managed_copies_cover_every_alert_with_grafana_templating() -> None:
+    from dashboards.grafana_alerts import grafana_rules
+
+    config = GenerateConfig()
+    rules = grafana_rules(config)
+    assert [r["title"] for r in rules] == [r.alert for r in alert_rules(config)]
+    for rule in rules:
+        assert len(rule["uid"]) <= 40
+        assert rule["data"][0]["datasourceUid"] == config.grafana_datasource_uid
+        text = " ".join(rule["annotations"].values())
+        assert "$value " not in text and "$value}" not in text.replace(" ", "")
+    invalid = next(r for r in rules if r["title"] == "HeadwatchInvalidMessages")
+    assert "{{ humanizePercentage $values.A.Value }}" in invalid["annotations"]["summary"]
