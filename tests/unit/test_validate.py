@@ -107,3 +107,25 @@ def test_answer_tokens_are_scored_for_needle_prompts(model: LlamaForCausalLM) ->
     )
     result = effect(model, [needle], np.array([[False, True], [False, True]]), S, R, "n")
     assert np.isfinite(result.answer_nll_change_nats)
+
+
+def test_verdicts_measured_on_hand_set_heads_predict_the_effect_of_restriction() -> None:
+    """The whole chain on known heads: collector -> exporter rules -> verdicts -> restriction."""
+    from headwatch.analyze import measure
+    from headwatch.report.summary import summarize
+    from headwatch.training.handset import BOS_TOKEN_ID, MARKER_TOKEN_ID, handset_model
+
+    model = handset_model(layers=1)
+    gen = torch.Generator().manual_seed(3)
+    prompts = []
+    for i in range(4):
+        ids = torch.randint(6, 64, (600,), generator=gen)
+        ids[0] = BOS_TOKEN_ID
+        ids[150 + 50 * i] = MARKER_TOKEN_ID  # the marker head reads this one middle token
+        prompts.append(Prompt(f"h{i}", "document", tuple(ids.tolist())))
+    summary = summarize(measure(model, prompts, "handset", S, R, progress=False))
+    assert summary.patterns[0].tolist() == ["sink", "recency", "concentrated_middle", "uniform"]
+    # KV head 0 serves the sink and recency heads, KV head 1 the marker and uniform heads
+    assert summary.safe_kv_heads.tolist() == [[True, False]]
+    safe, unsafe = compare(model, prompts, summary.safe_kv_heads, S, R, draws=1)
+    assert unsafe[0].mean_kl_nats > 10 * safe.mean_kl_nats
