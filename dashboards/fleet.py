@@ -183,6 +183,25 @@ def build(config: GenerateConfig) -> db.Dashboard:
             stacked=True,
         )
     )
+    dash = dash.with_panel(
+        timeseries_panel(
+            "Window and reference samples",
+            "Sampled rows in each model's current window and drift reference (0: no reference yet,"
+            " drift cannot be tested).",
+            [
+                query(
+                    f"max by (model_name) (headwatch_model_window_samples{M})",
+                    legend="{{model_name}} window",
+                ),
+                query(
+                    f"max by (model_name) (headwatch_model_reference_samples{M})",
+                    ref="B",
+                    legend="{{model_name}} reference",
+                ),
+            ],
+            "none",
+        )
+    )
     dash = dash.with_row(db.Row("Pipeline health"))
     dash = dash.with_panel(
         stat_panel(
