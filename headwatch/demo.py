@@ -163,9 +163,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _kafka_sink(bootstrap: str) -> Any:
     from collector import KafkaSink
-    from collector.settings import KafkaSettings
+    from collector.settings import load_settings
 
-    return KafkaSink(KafkaSettings(bootstrap_servers=bootstrap))
+    # The rest of the Kafka settings (topic, acks, compression) come from HEADWATCH_COLLECTOR_KAFKA__*.
+    kafka = load_settings().kafka.model_copy(update={"bootstrap_servers": bootstrap})
+    return KafkaSink(kafka)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -267,6 +269,7 @@ def main(argv: list[str]) -> int:
     """Run `headwatch demo`; return the exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python logs every connection
     if args.requests < 1 or args.context_tokens < 128:
         print(
             f"headwatch demo: expected --requests >= 1 and --context-tokens >= 128, got {args.requests} and {args.context_tokens}",
