@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from headwatch.localstack.errors import LocalStackError, StackConfigError, StateFileError
-from headwatch.localstack.kafka_fetch import fetch_kafka
+from headwatch.localstack.kafka_fetch import cached_kafka, fetch_kafka, pinned_kafka_version
 from headwatch.localstack.paths import StackPaths, find_paths
 from headwatch.localstack.settings import StackSettings
 from headwatch.localstack.stack import (
@@ -45,7 +45,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="start only this service (repeatable)")  # fmt: skip
     commands.add_parser("down", help="stop the services `up` started")
     commands.add_parser("status", help="show what runs and where")
-    commands.add_parser("fetch", help="fetch the pinned Kafka jars into .cache/kafka/ (once)")
+    fetch = commands.add_parser(
+        "fetch", help="fetch the pinned Kafka jars into .cache/kafka/ (once)"
+    )
+    fetch.add_argument("--cached", action="store_true",
+                       help="fetch nothing; exit 1 when the jars are not cached yet")  # fmt: skip
     return parser
 
 
@@ -124,6 +128,15 @@ def _status(paths: StackPaths) -> int:
     return 0 if len(alive) == len(state.services) else 1
 
 
+def _fetch(paths: StackPaths, only_check: bool) -> int:
+    dist = cached_kafka(paths) if only_check else fetch_kafka(paths)
+    if dist is None:
+        print(f"Apache Kafka {pinned_kafka_version(paths.pom)}: not fetched yet")
+        return 1
+    print(f"Apache Kafka {dist.version}: {dist.libs}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """Run `headwatch stack ...` and return its exit status."""
     args = _parser().parse_args(argv)
@@ -138,9 +151,7 @@ def main(argv: list[str]) -> int:
             return _down(paths)
         if args.command == "status":
             return _status(paths)
-        dist = fetch_kafka(paths)
-        print(f"Apache Kafka {dist.version}: {dist.libs}")
-        return 0
+        return _fetch(paths, only_check=args.cached)
     except (LocalStackError, StackConfigError, StateFileError) as exc:
         print(f"headwatch stack {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -163,10 +163,11 @@ def test_two_consumers_in_one_group_split_the_partitions(
     b = consumer_factory(topic, consumer_group)
     received: dict[str, list[Any]] = {"a": [], "b": []}
 
-    def poll_both() -> None:
+    def poll_both() -> int:
         for name, consumer in (("a", a), ("b", b)):
             for batch in consumer.poll(timeout_ms=POLL_MS).values():
                 received[name].extend(batch)
+        return len(received["a"]) + len(received["b"])
 
     def balanced() -> bool:
         poll_both()
@@ -177,7 +178,7 @@ def test_two_consumers_in_one_group_split_the_partitions(
     wait_until(balanced, 60, message="both consumers to own a share of the partitions")
     _produce(kafka_bootstrap, topic)
     wait_until(
-        lambda: poll_both() or len(received["a"]) + len(received["b"]) >= MESSAGES,
+        lambda: poll_both() >= MESSAGES,
         60,
         message="all records across the two consumers",
     )
