@@ -36,6 +36,19 @@ class Aggregator:
         self.requests: dict[str, RebaselineRequest] = {}
         self.new_references: list[Reference] = []
 
+    def fold_bytes(
+        self, value: bytes | None, *, partition: int, replay: bool, now_wall: float
+    ) -> tuple[Fold, str]:
+        """Decode, validate and fold a record value; return the outcome and the model identity.
+
+        Raises SchemaError (with a `reason` of the closed set) for anything that is not a valid
+        message this replica can fold; nothing else escapes for bad input.
+        """
+        if value is None:
+            raise SchemaError("decode", "empty record (tombstone)")
+        msg = HeadStatsMessage.from_bytes(value)
+        return self.fold(msg, partition=partition, replay=replay, now_wall=now_wall), msg.model_key
+
     def fold(self, msg: HeadStatsMessage, *, partition: int, replay: bool, now_wall: float) -> Fold:
         """Fold a valid message; raise SchemaError (reason shape/oversized) if it cannot be."""
         header = msg.header

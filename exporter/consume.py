@@ -24,7 +24,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, Topic
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from collector.schema import HeadStatsMessage, SchemaError
+from collector.schema import SchemaError
 from exporter.aggregate import Aggregator, Fold
 from exporter.errors import BrokerUnavailableError
 from exporter.kafka_clients import FATAL_ERRORS, ensure_topics, make_group_consumer, make_producer
@@ -198,10 +198,9 @@ class ConsumerService:
             self._counts["messages"] += 1
             self._last_message_wall = now
         try:
-            if record.value is None:
-                raise SchemaError("decode", "empty record (tombstone)")
-            msg = HeadStatsMessage.from_bytes(record.value)
-            result = self.aggregator.fold(msg, partition=tp.partition, replay=replay, now_wall=now)
+            result, model_key = self.aggregator.fold_bytes(
+                record.value, partition=tp.partition, replay=replay, now_wall=now
+            )
         except SchemaError as exc:
             self._poison(tp, record, exc.reason, exc.detail, replay)
             return
@@ -213,7 +212,7 @@ class ConsumerService:
             return
         if result is Fold.DUPLICATE and not replay:
             self._counts["duplicates"] += 1
-        self._touched.add(msg.header.model_key)
+        self._touched.add(model_key)
 
     def _poison(
         self, tp: TopicPartition, record: Any, reason: str, detail: str, replay: bool

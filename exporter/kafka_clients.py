@@ -16,11 +16,9 @@ from typing import Any, TypeVar
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import (
-    AuthenticationFailedError,
     AuthorizationError,
     KafkaConfigurationError,
     KafkaError,
-    NoBrokersAvailable,
     TopicAlreadyExistsError,
 )
 
@@ -32,7 +30,6 @@ T = TypeVar("T")
 
 # Errors retrying cannot fix: wrong credentials, missing rights, bad configuration.
 FATAL_ERRORS: tuple[type[Exception], ...] = (
-    AuthenticationFailedError,
     AuthorizationError,
     KafkaConfigurationError,
 )
@@ -65,7 +62,7 @@ def with_startup_retries(k: KafkaSettings, what: str, make: Callable[[], T]) -> 
             return make()
         except FATAL_ERRORS as exc:
             raise BrokerUnavailableError(f"{what}: {exc!r}") from exc
-        except (NoBrokersAvailable, KafkaError, OSError) as exc:
+        except (KafkaError, OSError) as exc:
             if time.monotonic() + delay > deadline:
                 raise BrokerUnavailableError(
                     f"{what}: no broker at {k.bootstrap_servers} within "

@@ -6,7 +6,9 @@ Usage:
 
 Names and labels are those of docs/metrics.md. Per-head series are limited by a budget per head
 (in the priority order of `_HEAD_SERIES`) and by a hard cap on the total; whatever does not fit is
-counted in `headwatch_exporter_series_dropped_total`. Values carry no timestamps.
+counted in `headwatch_exporter_series_dropped_total`, which grows at each scrape by the series that
+scrape left out (so its rate times the scrape interval is the number of series missing now).
+Values carry no timestamps.
 """
 
 from __future__ import annotations
