@@ -23,7 +23,7 @@ from headwatch.localstack.stack import (
     running_services,
     stop_recorded,
 )
-from headwatch.localstack.state import StackState, dump_state, load_state, test_environment
+from headwatch.localstack.state import StackState, dump_state, load_state, reuse_environment
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _describe(state: StackState) -> str:
         lines.append(f"alertmanager  {state.alertmanager_url}")
     lines.append(f"logs and data {state.run_dir}")
     lines.append("To run the tests against this stack instead of starting one per session:")
-    lines += [f"  export {name}={value}" for name, value in test_environment(state).items()]
+    lines += [f"  export {name}={value}" for name, value in reuse_environment(state).items()]
     return "\n".join(lines)
 
 

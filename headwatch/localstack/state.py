@@ -67,7 +67,7 @@ def load_state(path: Path) -> StackState | None:
         ) from exc
 
 
-def test_environment(state: StackState) -> dict[str, str]:
+def reuse_environment(state: StackState) -> dict[str, str]:
     """Return the HEADWATCH_TEST_* variables that make the test suite reuse this stack."""
     pairs = {
         ENV_KAFKA_BOOTSTRAP: state.kafka_bootstrap,
