@@ -1,0 +1,166 @@
+"""The Kafka sink against a real broker that is absent at start, killed mid-run and restarted:
+publish() never blocks, drops are counted, memory stays under the cap, publishing resumes by itself."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from collector.metrics import CollectorMetrics
+from collector.publish import KafkaSink
+from collector.schema import HeadStatsMessage
+from collector.settings import KafkaSettings
+from headwatch.localstack.kafka import BROKER_CLASS, KafkaBroker, broker_answers, java_command, start_kafka
+from headwatch.localstack.kafka_fetch import fetch_kafka
+from headwatch.localstack.paths import StackPaths
+from headwatch.localstack.ports import choose_port
+from headwatch.localstack.process import spawn, stop
+from headwatch.localstack.readiness import wait_ready
+from headwatch.localstack.settings import StackSettings
+from headwatch.localstack.tools import require_java
+from tests.helpers import wait_until
+from tests.unit.test_schema import message
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+class OwnBroker:
+    """A broker of this test alone (the session's shared one must not be killed), on a fixed port."""
+
+    def __init__(self, paths: StackPaths, run_dir: Path) -> None:
+        self.paths = paths
+        self.run_dir = run_dir
+        port = choose_port(0, strict=False, taken=set())
+        self.settings = StackSettings(
+            kafka_port=port, kafka_controller_port=choose_port(0, strict=False, taken={port}),
+            strict_ports=True, kafka_heap="384m",
+        )  # fmt: skip
+        self.broker: KafkaBroker | None = None
+        self.process: Any = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.settings.kafka_port}"
+
+    def start(self) -> None:
+        """First start formats the storage; later starts reuse it, as a restarted broker does."""
+        if self.broker is None:
+            self.broker = start_kafka(
+                fetch_kafka(self.paths), require_java(), self.paths, self.run_dir, self.settings,
+                die_with_parent=True,
+            )  # fmt: skip
+            self.process = self.broker.process
+            return
+        kafka_dir = self.run_dir / "kafka"
+        argv = java_command(
+            require_java(), fetch_kafka(self.paths), self.paths.deploy_dir / "log4j2.properties",
+            self.settings.kafka_heap, BROKER_CLASS, str(kafka_dir / "server.properties"),
+        )  # fmt: skip
+        self.process = spawn("kafka", argv, kafka_dir / "kafka.log", cwd=kafka_dir, die_with_parent=True)
+        wait_ready(self.process, lambda: broker_answers(self.bootstrap), self.settings.start_timeout_seconds)
+
+    def kill(self) -> None:
+        """SIGKILL the broker's process group: no clean shutdown, as in a crash."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process.popen is not None:
+            self.process.popen.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process, 20)
+
+
+@pytest.fixture(name="own_broker")
+def fixture_own_broker(stack_paths: StackPaths, tmp_path: Path) -> Iterator[OwnBroker]:
+    broker = OwnBroker(stack_paths, tmp_path)
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+class Load:
+    """Publishes a message every `interval` seconds on its own thread; records the slowest publish()."""
+
+    def __init__(self, sink: KafkaSink, interval: float) -> None:
+        self.sink = sink
+        self.interval = interval
+        self.slowest = 0.0
+        self.sent = 0
+        self._stop = threading.Event()
+        self._template = message(32, 32)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            self.sink.publish(self._template)
+            self.slowest = max(self.slowest, time.perf_counter() - started)
+            self.sent += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_broker_absent_killed_and_restarted(own_broker: OwnBroker) -> None:
+    metrics = CollectorMetrics()
+    settings = KafkaSettings(
+        bootstrap_servers=own_broker.bootstrap, topic="headwatch.head-stats.v1", queue_max_messages=200,
+        queue_max_bytes=2 << 20, producer_buffer_bytes=1 << 20, request_timeout_seconds=3.0,
+        reconnect_backoff_seconds=0.5, flush_timeout_seconds=5.0,
+    )  # fmt: skip
+    sink = KafkaSink(settings, metrics)
+
+    def published() -> float:
+        return metrics.value("headwatch_collector_published_total", model_name="m")
+
+    def dropped() -> float:
+        return sum(
+            metrics.value("headwatch_collector_dropped_total", model_name="m", reason=r)
+            for r in ("queue_full", "broker_unavailable")
+        )
+
+    with Load(sink, interval=0.005) as load:
+        # Broker down at start: the queue fills to its cap, then drops are counted.
+        wait_until(lambda: dropped() > 0, 30, message="drops while no broker exists")
+        assert sink.queued[1] <= settings.queue_max_bytes
+        own_broker.start()
+        wait_until(lambda: published() > 50, 120, message="publishing after the broker came up")
+        # Broker killed mid-run.
+        own_broker.kill()
+        at_kill, drops_at_kill = published(), dropped()
+        wait_until(lambda: dropped() > drops_at_kill + 50, 60, message="drops while the broker is dead")
+        assert sink.queued[1] <= settings.queue_max_bytes
+        assert sink.in_flight_bytes <= settings.producer_buffer_bytes + 64 * 1024
+        own_broker.start()
+        wait_until(lambda: published() > at_kill + 50, 120, message="publishing resumed after restart")
+    assert load.slowest < 0.05, f"publish() blocked for {load.slowest:.3f}s"
+    started = time.perf_counter()
+    sink.close()
+    assert time.perf_counter() - started < settings.flush_timeout_seconds + 2
+
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(
+        settings.topic, bootstrap_servers=own_broker.bootstrap, auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+    )  # fmt: skip
+    try:
+        decoded = [HeadStatsMessage.from_bytes(record.value) for record in consumer]
+    finally:
+        consumer.close()
+    assert len(decoded) >= at_kill
+    assert all(m.num_layers == 32 and m.num_query_heads == 32 for m in decoded)
