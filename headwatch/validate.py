@@ -35,6 +35,7 @@ from headwatch.report.rows import causal_sdpa
 
 logger = logging.getLogger(__name__)
 _NAME = "headwatch_streaming_heads"
+ANSWER_ROOM = 32  # tokens kept free for a needle's appended answer
 
 
 def streaming_mask(
@@ -175,6 +176,15 @@ def unsafe_draws(streaming_kv: np.ndarray, draws: int, seed: int) -> list[np.nda
     return out
 
 
+def lowest_error(error: np.ndarray, count: int) -> np.ndarray:
+    """Return the mask (layers, kv_heads) of the `count` KV heads with the lowest measured error."""
+    if not 0 < count < error.size:
+        raise PolicyError(f"expected --lowest in [1, {error.size - 1}], got {count}")
+    mask = np.zeros(error.size, dtype=bool)
+    mask[np.argsort(np.nan_to_num(error, nan=np.inf), axis=None)[:count]] = True
+    return mask.reshape(error.shape)
+
+
 def compare(
     model: PreTrainedModel,
     prompts: Sequence[Prompt],
@@ -226,7 +236,7 @@ def markdown(safe: Effect, unsafe: Sequence[Effect], total_kv: int, context: str
         [
             "| KV heads restricted to sink + recent | KV heads | mean KL, nats/token | perplexity (full -> restricted) | perplexity change | needle answer NLL change, nats |",
             "| --- | --- | --- | --- | --- | --- |",
-            cells("marked safe by the verdicts", [safe]),
+            cells("marked safe (or chosen, see below)", [safe]),
             cells(
                 f"marked unsafe, equal number (mean of {len(unsafe)} random draws, range)", unsafe
             ),
@@ -257,13 +267,20 @@ def _parser() -> argparse.ArgumentParser:
         default=1000,
         help="prompt seed, apart from calibration's (default 1000)",
     )
+    p.add_argument(
+        "--lowest",
+        type=int,
+        default=None,
+        metavar="N",
+        help="restrict the N KV heads of lowest measured error instead of the policy's safe set",
+    )
     p.add_argument("--out", type=Path, default=Path("validation.md"), help="markdown file to write")
     return p
 
 
 def main(argv: list[str]) -> int:
     """Run the validation; return the exit status."""
-    from headwatch.analyze import load_model, prompt_maker
+    from headwatch.analyze import fit_context, load_model, max_context, prompt_maker
     from headwatch.policy import read_policy
 
     args = _parser().parse_args(argv)
@@ -271,21 +288,31 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     try:
         policy = read_policy(args.policy)
+        chosen = (
+            policy.streaming if args.lowest is None else lowest_error(policy.error, args.lowest)
+        )
         model, tokenizer, name = load_model(args.model)
         maker = prompt_maker(tokenizer)
-        prompts = [
-            maker.with_answer(p)
-            for p in maker.mixed(args.prompts, args.context_tokens, seed=args.seed)
-        ]
+        # leave room for the appended answer within the model's context
+        base = maker.mixed(args.prompts, args.context_tokens - ANSWER_ROOM, seed=args.seed)
+        prompts = fit_context(
+            [maker.with_answer(p) for p in base], max_context(model), truncate=False
+        )
         safe, unsafe = compare(
-            model, prompts, policy.streaming, policy.sink_tokens, policy.recent_tokens, args.draws
+            model, prompts, chosen, policy.sink_tokens, policy.recent_tokens, args.draws
         )
     except HeadwatchToolError as exc:
         print(f"validate: {exc}", file=sys.stderr)
         return 2
+    chosen_text = (
+        "the KV heads the policy marks safe"
+        if args.lowest is None
+        else f"the {args.lowest} KV heads of lowest measured error (not all under the bound)"
+    )
     context = (
-        f"Model {name}; {len(prompts)} held-out prompts ({maker.source}) of up to {args.context_tokens} tokens, "
-        f"half needle-in-a-haystack with the answer appended; S = {policy.sink_tokens}, R = {policy.recent_tokens}; "
+        f"Restricted: {chosen_text}. Model {name}; {len(prompts)} held-out prompts "
+        f"({maker.source}) of up to {args.context_tokens} tokens, half needle-in-a-haystack "
+        f"with the answer appended; S = {policy.sink_tokens}, R = {policy.recent_tokens}; "
         f"policy from {policy.source}; {time.perf_counter() - started:.0f} s."
     )
     table = markdown(safe, unsafe, policy.streaming.size, context)

@@ -129,3 +129,64 @@ def test_verdicts_measured_on_hand_set_heads_predict_the_effect_of_restriction()
     assert summary.safe_kv_heads.tolist() == [[True, False]]
     safe, unsafe = compare(model, prompts, summary.safe_kv_heads, S, R, draws=1)
     assert unsafe[0].mean_kl_nats > 10 * safe.mean_kl_nats
+
+
+def test_lowest_error_picks_the_heads_with_the_smallest_measured_error() -> None:
+    from headwatch.validate import lowest_error
+
+    error = np.array([[0.3, np.nan], [0.01, 0.2]])
+    assert lowest_error(error, 2).tolist() == [[False, False], [True, True]]
+    with pytest.raises(PolicyError, match="--lowest"):
+        lowest_error(error, 4)
+
+
+def test_cli_writes_the_markdown_table(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from headwatch.policy import KvPolicy, write_policy
+    from headwatch.prompts import synthetic_text
+    from headwatch.training.tokenizer import save_tokenizer, train_tokenizer
+    from headwatch.validate import main
+
+    model_dir = tmp_path / "model"
+    save_tokenizer(
+        train_tokenizer([synthetic_text(30_000, seed=1)], vocab_size=300),
+        model_dir,
+        model_max_length=512,
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=0,
+    )
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    streaming = np.array([[True, False], [False, False]])
+    write_policy(
+        KvPolicy("tiny", S, R, streaming, np.full((2, 2), 0.01), "test"), tmp_path / "policy"
+    )
+    out = tmp_path / "validation.md"
+    args = [
+        "--policy",
+        str(tmp_path / "policy" / "policy.json"),
+        "--model",
+        str(model_dir),
+        "--prompts",
+        "2",
+        "--context-tokens",
+        "200",
+        "--draws",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    text = out.read_text()
+    assert (
+        "| marked safe" in text
+        and "random draws" in text
+        and "Restricted: the KV heads the policy marks safe" in text
+    )
