@@ -184,6 +184,8 @@ def fixture_consumer_group(kafka_admin: Any, request: pytest.FixtureRequest) -> 
     finally:
         from kafka.errors import KafkaError
 
+        # kafka-python 3.x calls it delete_groups, 2.x delete_consumer_groups.
+        delete = getattr(kafka_admin, "delete_groups", None) or kafka_admin.delete_consumer_groups
         # A group that never committed has nothing to delete; the answer is only logged.
         with contextlib.suppress(KafkaError):
-            logger.debug("deleted group %s: %s", group, kafka_admin.delete_groups([group]))
+            logger.debug("deleted group %s: %s", group, delete([group]))

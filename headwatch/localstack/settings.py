@@ -30,7 +30,7 @@ class StackSettings(BaseSettings):
     # A preferred port that is busy falls back to a free one; strict ports fail instead.
     strict_ports: bool = False
     kafka_heap: str = Field(default="512m", pattern=r"^[0-9]+[kmgKMG]$")
-    kafka_partitions: int = Field(default=1, ge=1, le=1000)
+    kafka_partitions: int = Field(default=3, ge=1, le=1000)
     scrape_interval_seconds: float = Field(default=1.0, gt=0, le=3600)
     start_timeout_seconds: float = Field(default=120.0, gt=0)
     stop_timeout_seconds: float = Field(default=20.0, gt=0)
