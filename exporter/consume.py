@@ -42,14 +42,25 @@ _LOG_EVERY_SECONDS = 10.0
 
 
 class _Listener(ConsumerRebalanceListener):
-    def __init__(self, service: ConsumerService) -> None:
-        self._service = service
+    """Records rebalance events; kafka-python 3 runs listeners on its IO thread, where blocking
+    calls (commit, offsets_for_times) are not allowed, so the work happens in the poll loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._revoked: set[TopicPartition] = set()
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        self._service.revoked(set(revoked))
+        with self._lock:
+            self._revoked |= set(revoked)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        self._service.assigned(set(assigned))
+        return None
+
+    def take_revoked(self) -> set[TopicPartition]:
+        """Return and forget the partitions revoked since the last call."""
+        with self._lock:
+            out, self._revoked = self._revoked, set()
+        return out
 
 
 class ConsumerService:
@@ -63,7 +74,9 @@ class ConsumerService:
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
         self._store: ReferenceStore | None = None
+        self._listener = _Listener()
         self._replay_until: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int | None] = {}
         self._rebuild_started: float | None = None
         self._pending: dict[TopicPartition, int] = {}
         self._counts: Counter[str] = Counter()
@@ -99,38 +112,66 @@ class ConsumerService:
             }
 
     # --- rebalance ---------------------------------------------------------------------------
-    def revoked(self, revoked: set[TopicPartition]) -> None:
-        """Commit what was folded and forget the state of the revoked partitions."""
-        self._commit()
-        with self._lock:
-            dropped = self.aggregator.drop_partitions({tp.partition for tp in revoked})
-            for tp in revoked:
-                self._replay_until.pop(tp, None)
-                self._lag.pop((tp.topic, tp.partition), None)
-        logger.info("revoked %s; dropped %d models", sorted(str(t) for t in revoked), len(dropped))
+    def _reconcile(
+        self, batches: dict[TopicPartition, list[Any]]
+    ) -> dict[TopicPartition, list[Any]]:
+        """Apply rebalances seen by the last poll; return the batches of partitions ready to fold.
 
-    def assigned(self, assigned: set[TopicPartition]) -> None:
+        Lost partitions: their models are forgotten. New partitions (and ones that came back
+        after another replica committed on them): seek back over the horizon and replay; their
+        records in this batch are dropped, the seek fetches them again.
+        """
+        consumer = self._require_consumer()
+        current = set(consumer.assignment())
+        owned = set(self._replay_until)
+        bounced = self._listener.take_revoked() & current & owned
+        moved = {tp for tp in bounced if consumer.committed(tp) != self._committed.get(tp)}
+        lost = (owned - current) | moved
+        if lost:
+            with self._lock:
+                dropped = self.aggregator.drop_partitions({tp.partition for tp in lost})
+                for tp in lost:
+                    self._replay_until.pop(tp, None)
+                    self._committed.pop(tp, None)
+                    self._pending.pop(tp, None)
+                    self._lag.pop((tp.topic, tp.partition), None)
+            logger.info(
+                "partitions %s gone; dropped %d models", sorted(map(str, lost)), len(dropped)
+            )
+        new = current - set(self._replay_until)
+        if new:
+            self._assign(new)
+        return {
+            tp: records
+            for tp, records in batches.items()
+            if tp in self._replay_until and tp not in new
+        }
+
+    def _assign(self, new: set[TopicPartition]) -> None:
         """Seek each new partition back over the window horizon and mark what is replay."""
         consumer = self._require_consumer()
+        self._rebuild_started = self._clock()
         horizon_ms = int((self._clock() - self.aggregator.policy.horizon_seconds) * 1000)
-        new = sorted(tp for tp in assigned if tp not in self._replay_until)
-        if not new:
-            return
-        by_time = consumer.offsets_for_times({tp: max(horizon_ms, 0) for tp in new})
-        ends = consumer.end_offsets(new)
-        for tp in new:
-            committed = consumer.committed(tp)
+        ordered = sorted(new)
+        by_time = consumer.offsets_for_times({tp: max(horizon_ms, 0) for tp in ordered})
+        ends = consumer.end_offsets(ordered)
+        # Every blocking call first: if the broker fails here, nothing has changed yet.
+        committed = {tp: consumer.committed(tp) for tp in ordered}
+        with self._lock:
+            self.aggregator.drop_partitions({tp.partition for tp in ordered})
+        for tp in ordered:
             found = by_time.get(tp)
             start = found.offset if found is not None else ends[tp]
-            if committed is not None:
-                start = min(start, committed)
+            done = committed[tp]
+            if done is not None:
+                start = min(start, done)
             consumer.seek(tp, start)
-            self._replay_until[tp] = committed if committed is not None else start
+            self._replay_until[tp] = done if done is not None else start
+            self._committed[tp] = done
             logger.info(
-                "assigned %s[%d]: replaying %d..%s, committed %s",
-                tp.topic, tp.partition, start, self._replay_until[tp], committed,
+                "assigned %s[%d]: replaying %d..%d (committed %s)",
+                tp.topic, tp.partition, start, self._replay_until[tp], done,
             )  # fmt: skip
-        self._rebuild_started = self._clock()
 
     # --- main loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -144,7 +185,7 @@ class ConsumerService:
                 self.aggregator.load(record)
         logger.info("loaded %d reference records from %s", len(records), self._k.reference_topic)
         self._consumer = make_group_consumer(self._k)
-        self._consumer.subscribe([self._k.topic], listener=_Listener(self))
+        self._consumer.subscribe([self._k.topic], listener=self._listener)
         self.alive = True
         next_lag = next_expire = 0.0
         try:
@@ -156,6 +197,14 @@ class ConsumerService:
                     raise BrokerUnavailableError(f"consumer: {exc!r}") from exc
                 except KafkaError as exc:
                     self._log_limited("poll", "poll failed (will retry): %r", exc)
+                    stop.wait(0.5)
+                    continue
+                try:
+                    batches = self._reconcile(batches or {})
+                except FATAL_ERRORS as exc:
+                    raise BrokerUnavailableError(f"consumer: {exc!r}") from exc
+                except KafkaError as exc:
+                    self._log_limited("rebalance", "rebalance not applied yet: %r", exc)
                     stop.wait(0.5)
                     continue
                 if batches:
@@ -264,6 +313,7 @@ class ConsumerService:
         except KafkaError as exc:
             self._log_limited("commit", "commit failed (will retry): %r", exc)
             return
+        self._committed.update(self._pending)
         self._pending.clear()
         with self._lock:
             self._counts["dead_letters"] += self._counts.pop("dead_letters_pending", 0)
