@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,16 +169,3 @@ def _reap(handle: ProcessHandle) -> None:
 def _die_with_parent() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def wait_for(
-    predicate: Callable[[], bool], timeout_seconds: float, interval_seconds: float = 0.1
-) -> bool:
-    """Poll `predicate` until it is true (True) or `timeout_seconds` pass (False)."""
-    deadline = time.monotonic() + timeout_seconds
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval_seconds)
