@@ -58,7 +58,9 @@ def plot_curve(rows: list[dict[str, float]], out_png: Path) -> None:
         ("needle_exact", "needle retrieval, exact (2K context)"),
         ("needle_token_acc", "needle retrieval, per answer token"),
     ):
-        pts = [(t, r[key]) for t, r in zip(tokens, rows, strict=True) if r[key] == r[key]]
+        pts = [
+            (t, r[key]) for t, r in zip(tokens, rows, strict=True) if key in r and r[key] == r[key]
+        ]
         if pts:
             ax2.plot(*zip(*pts, strict=True), "o-", label=label)
     ax2.set_xlabel("tokens seen (millions)")

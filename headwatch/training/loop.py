@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from headwatch.training.errors import CheckpointError
-from headwatch.training.tasks import WindowMaker
+from headwatch.training.errors import CheckpointError, ConfigError
+from headwatch.training.tasks import KINDS, WindowMaker
 from headwatch.training.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 CURVE_FIELDS = (
@@ -31,8 +31,26 @@ CURVE_FIELDS = (
 
 # Window kinds and their shares per phase. Phase A: short windows, copy-heavy, so that an
 # induction head forms early; phase B: long windows, text plus retrieval from far back.
-MIX_A = {"random_repeat": 0.3, "text_repeat": 0.15, "needle": 0.3, "text": 0.25}
-MIX_B = {"text": 0.4, "needle": 0.45, "text_repeat": 0.1, "random_repeat": 0.05}
+MIX_A = "random_repeat=0.45,text_repeat=0.15,needle=0.25,text=0.15"
+MIX_B = "text=0.4,needle=0.4,text_repeat=0.1,random_repeat=0.1"
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """Return the task shares of a mix written "kind=share,kind=share" (normalised to sum 1)."""
+    mix: dict[str, float] = {}
+    for item in text.split(","):
+        kind, _, share = item.partition("=")
+        try:
+            value = float(share)
+        except ValueError:
+            value = -1.0
+        if kind.strip() not in KINDS or value < 0:
+            raise ConfigError(f"expected kind=share with a kind in {KINDS}, got {item!r}")
+        mix[kind.strip()] = value
+    total = sum(mix.values())
+    if total <= 0:
+        raise ConfigError(f"expected shares that sum to more than 0, got {text!r}")
+    return {k: v / total for k, v in mix.items()}
 
 
 def build_model(args: argparse.Namespace, vocab_size: int) -> LlamaForCausalLM:
@@ -56,27 +74,42 @@ def build_model(args: argparse.Namespace, vocab_size: int) -> LlamaForCausalLM:
 
 
 class Schedule:
-    """Which window length, batch size and task mix each step uses, and its learning rate."""
+    """Which window length, batch size, task mix and learning rate each point of a run uses.
+
+    A run's progress is the larger of its share of steps done and its share of the time
+    budget used, so a slow machine still gets the whole curriculum (phase A, then phase B)
+    and the whole learning-rate decay, only with fewer steps.
+    """
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.steps_a = args.steps_a
         self.total = args.steps_a + args.steps_b
+        self.share_a = args.steps_a / self.total
+        self.budget_s = float(getattr(args, "max_minutes", 0.0)) * 60.0
         self.context_a = args.context_a
         self.context_b = args.context
         self.tokens_per_step = args.tokens_per_step
+        self.tokens_per_step_a = getattr(args, "tokens_per_step_a", None) or args.tokens_per_step
+        self.mix_a = parse_mix(getattr(args, "mix_a", MIX_A))
+        self.mix_b = parse_mix(getattr(args, "mix_b", MIX_B))
         self.peak_lr = args.lr
         self.warmup = args.warmup
 
-    def window(self, step: int) -> tuple[int, int, dict[str, float]]:
-        """Return (window length, windows per batch, task mix) for `step`."""
-        length, mix = (self.context_a, MIX_A) if step < self.steps_a else (self.context_b, MIX_B)
-        return length, max(1, self.tokens_per_step // length), mix
+    def progress(self, step: int, elapsed_s: float) -> float:
+        """Return how far the run is (0..1, >= 1 means done) after `step` steps and `elapsed_s`."""
+        by_time = elapsed_s / self.budget_s if self.budget_s > 0 else float(elapsed_s > 0)
+        return max(step / self.total, by_time)
 
-    def lr(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to a tenth of the peak."""
+    def window(self, progress: float) -> tuple[int, int, dict[str, float]]:
+        """Return (window length, windows per batch, task mix) at `progress`."""
+        if progress < self.share_a:
+            return self.context_a, max(1, self.tokens_per_step_a // self.context_a), self.mix_a
+        return self.context_b, max(1, self.tokens_per_step // self.context_b), self.mix_b
+
+    def lr(self, step: int, progress: float) -> float:
+        """Linear warm-up over the first steps, then cosine decay to a tenth of the peak."""
         if step < self.warmup:
             return self.peak_lr * (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(1, self.total - self.warmup)
         return self.peak_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -87,16 +120,19 @@ def train_step(
     sched: Schedule,
     step: int,
     device: str,
+    progress: float | None = None,
 ) -> tuple[float, int]:
     """Run one optimiser step; return (weighted loss, tokens in the batch)."""
-    length, batch, mix = sched.window(step)
+    if progress is None:
+        progress = step / sched.total
+    length, batch, mix = sched.window(progress)
     kinds = list(mix)
     chosen = maker.rng.choice(len(kinds), size=batch, p=np.array([mix[k] for k in kinds]))
     windows = [maker.make(kinds[i], length) for i in chosen]
     ids = torch.as_tensor(np.stack([w.ids for w in windows]), device=device)
     weights = torch.as_tensor(np.stack([w.weights for w in windows]), device=device)
     for group in optim.param_groups:
-        group["lr"] = sched.lr(step)
+        group["lr"] = sched.lr(step, progress)
     with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16):
         logits = model(input_ids=ids).logits
     ce = torch.nn.functional.cross_entropy(

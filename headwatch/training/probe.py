@@ -62,15 +62,22 @@ def classify(
 
 
 def probe_heads(
-    model: PreTrainedModel, maker: WindowMaker, n_prompts: int = 8, length: int = 2048
+    model: PreTrainedModel,
+    maker: WindowMaker,
+    n_prompts: int = 8,
+    length: int = 2048,
+    form: int | None = 0,
 ) -> tuple[list[HeadStats], float]:
-    """Return per-head mean statistics and the needle accuracy (first answer token) over prompts."""
+    """Return per-head mean statistics and the needle accuracy (first answer token) over prompts.
+
+    `form` 0 asks for a pass key: its first answer token is a digit that only copying predicts.
+    """
     model.config._attn_implementation = "eager"
     sums: dict[tuple[int, int], np.ndarray] = {}
     hits = 0
     n_keys = 0
     for i in range(n_prompts):
-        w = maker.needle_window(length, n_needles=1, depth=(i + 0.5) / n_prompts)
+        w = maker.needle_window(length, n_needles=1, depth=(i + 0.5) / n_prompts, form=form)
         prompt = torch.as_tensor(w.ids[: w.answer_start]).unsqueeze(0)
         with torch.no_grad():
             out = model(input_ids=prompt, output_attentions=True)
@@ -128,3 +135,47 @@ def format_table(rows: list[HeadStats]) -> str:
             f"| {r.top256_mass:.2f} | {r.pattern} |"
         )
     return "\n".join(lines)
+
+
+def held_out_maker(tokenizer: object, seed: int = 11) -> WindowMaker:
+    """Return a WindowMaker over the held-out KJV and Jargon File documents (needle haystacks)."""
+    from headwatch.training.corpus import read_jargon, read_kjv, split_held_out
+
+    _, held = split_held_out([*read_kjv(), *read_jargon()])
+
+    def encode(text: str) -> list[int]:
+        ids: list[int] = tokenizer(text, add_special_tokens=False).input_ids  # type: ignore[operator]
+        return ids
+
+    ids = np.concatenate([np.asarray([*encode(d.text), 1], dtype=np.int64) for d in held])
+    return WindowMaker(ids, encode, vocab_size=int(ids.max()) + 1, seed=seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the per-head pattern table of a model directory (default: the bundled model)."""
+    import argparse
+    from pathlib import Path
+
+    from headwatch.bundled import bundled_model_dir, load_bundled
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--model-dir", type=Path, default=bundled_model_dir())
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--form", type=int, default=0, help="needle form: 0 pass key, 1 word, 2 phrase")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    model, tok = load_bundled(model_dir=args.model_dir, attn_implementation="eager")
+    rows, accuracy = probe_heads(model, held_out_maker(tok), args.prompts, args.length, args.form)
+    print(format_table(rows))
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.pattern] = counts.get(r.pattern, 0) + 1
+    print(
+        f"\npatterns: {counts}; needle first-token accuracy {accuracy:.2f} over {args.prompts} prompts"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

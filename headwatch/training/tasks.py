@@ -132,9 +132,13 @@ class Window:
     fact_end: int = -1
 
 
-def random_needle(rng: np.random.Generator) -> Needle:
+NEEDLE_FORMS = ("pass key", "secret word", "best thing")
+
+
+def random_needle(rng: np.random.Generator, form: int | None = None) -> Needle:
     """Return a random fact of the form "<subject> is <answer>." and its question."""
-    form = int(rng.integers(3))
+    if form is None:
+        form = int(rng.integers(len(NEEDLE_FORMS)))
     if form == 0:
         subject = f"The pass key of the {rng.choice(_ADJ)} {rng.choice(_NOUN)}"
         answer = "".join(str(d) for d in rng.integers(0, 10, size=int(rng.integers(3, 8))))
@@ -163,6 +167,7 @@ class WindowMaker:
         vocab_size: int,
         seed: int,
         answer_weight: float = 4.0,
+        repeat_vocab: int | None = None,
     ) -> None:
         if text_ids.ndim != 1 or text_ids.size < 4096:
             raise ConfigError(
@@ -172,6 +177,8 @@ class WindowMaker:
         self.encode = encode
         self.vocab_size = vocab_size
         self.answer_weight = answer_weight
+        # random_repeat draws from the first `repeat_vocab` ids (bytes and frequent merges)
+        self.repeat_vocab = vocab_size if repeat_vocab is None else min(repeat_vocab, vocab_size)
         self.rng = np.random.default_rng(seed)
 
     def make(self, kind: str, length: int) -> Window:
@@ -198,7 +205,7 @@ class WindowMaker:
     def _random_repeat(self, length: int) -> Window:
         span = int(self.rng.integers(8, min(96, length // 2)))
         # skip the special tokens (ids 0-2)
-        seg = self.rng.integers(3, self.vocab_size, size=span)
+        seg = self.rng.integers(3, self.repeat_vocab, size=span)
         reps = (length - 1) // span + 1
         ids = np.concatenate([[BOS_ID], np.tile(seg, reps)])[:length]
         weights = np.ones(length, dtype=np.float32)
@@ -214,14 +221,17 @@ class WindowMaker:
         ids = np.concatenate([[BOS_ID], body])
         return Window(ids.astype(np.int64), np.ones(length, dtype=np.float32))
 
-    def needle_window(self, length: int, n_needles: int = 1, depth: float | None = None) -> Window:
+    def needle_window(
+        self, length: int, n_needles: int = 1, depth: float | None = None, form: int | None = None
+    ) -> Window:
         """Return haystack text with `n_needles` facts and a question about one of them at the end.
 
         `depth` (0..1) places the asked-for fact; None places every fact at random.
         """
         needles: list[Needle] = []
         while len(needles) < n_needles:
-            candidate = random_needle(self.rng)
+            # the asked-for fact has the requested form; distractors any form
+            candidate = random_needle(self.rng, form if not needles else None)
             # two facts about one subject would make the question ambiguous
             if all(candidate.question != n.question for n in needles):
                 needles.append(candidate)

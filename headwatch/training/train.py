@@ -27,6 +27,8 @@ from headwatch.training.evaluate import evaluate
 from headwatch.training.export import export_model
 from headwatch.training.loop import (
     CURVE_FIELDS,
+    MIX_A,
+    MIX_B,
     Schedule,
     build_model,
     load_checkpoint,
@@ -52,7 +54,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument(
-        "--max-minutes", type=float, default=60.0, help="stop (and save) after this wall time"
+        "--max-minutes",
+        type=float,
+        default=60.0,
+        help="time budget of the whole run (resumes included); the schedule fits into it",
     )
     p.add_argument("--sources", default="kjv,jargon,pydoc", help="corpus sources, comma-separated")
     p.add_argument(
@@ -74,6 +79,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps-a", type=int, default=300)
     p.add_argument("--steps-b", type=int, default=900)
     p.add_argument("--tokens-per-step", type=int, default=8192)
+    p.add_argument(
+        "--tokens-per-step-a", type=int, default=4096, help="phase-A batch size in tokens"
+    )
+    p.add_argument("--mix-a", default=MIX_A, help="phase-A task shares, kind=share,...")
+    p.add_argument("--mix-b", default=MIX_B, help="phase-B task shares, kind=share,...")
+    p.add_argument("--repeat-vocab", type=int, default=1024, help="ids random_repeat draws from")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=100)
@@ -120,7 +131,11 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(args, tok.get_vocab_size()).to(args.device)
     optim = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     maker = WindowMaker(
-        data.train_ids, lambda s: encode_plain(tok, s), tok.get_vocab_size(), args.seed
+        data.train_ids,
+        lambda s: encode_plain(tok, s),
+        tok.get_vocab_size(),
+        args.seed,
+        repeat_vocab=args.repeat_vocab,
     )
     ckpt_path = args.run_dir / "checkpoint.pt"
     curve_path = args.run_dir / "curve.csv"
@@ -130,8 +145,10 @@ def run(args: argparse.Namespace) -> int:
             raise CheckpointError(f"expected a checkpoint at {ckpt_path}, got nothing")
         state = load_checkpoint(ckpt_path, model, optim, maker)
         logger.info("resumed from %s at step %d", ckpt_path, state["step"])
-    elif curve_path.exists():
-        curve_path.unlink()
+    else:
+        curve_path.unlink(missing_ok=True)
+        # the options the run started with, kept through resumes for the model card
+        state["args"] = {k: str(v) for k, v in vars(args).items()}
     sched = Schedule(args)
     last_eval: dict[str, float] = {}
 
@@ -140,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             "step": state["step"],
             "tokens_seen": state["tokens"],
             "wall_time_s": round(state["elapsed_s"], 1),
-            "args": {k: str(v) for k, v in vars(args).items()},
+            "args": state.get("args", {}),
             "source_tokens": data.source_tokens,
             "last_eval": last_eval,
         }
@@ -149,25 +166,33 @@ def run(args: argparse.Namespace) -> int:
         started = time.monotonic()
         base_elapsed = state["elapsed_s"]
         bar = tqdm(total=sched.total, initial=state["step"], unit="step", dynamic_ncols=True)
-        while state["step"] < sched.total:
+        progress = sched.progress(state["step"], state["elapsed_s"])
+        while progress < 1.0:
             step = state["step"]
             t0 = time.monotonic()
-            loss, ntok = train_step(model, optim, maker, sched, step, args.device)
+            length = sched.window(progress)[0]
+            lr = sched.lr(step, progress)
+            loss, ntok = train_step(model, optim, maker, sched, step, args.device, progress)
             state["step"] = step + 1
             state["tokens"] += ntok
             state["elapsed_s"] = base_elapsed + time.monotonic() - started
-            row = {
+            progress = sched.progress(state["step"], state["elapsed_s"])
+            row: dict[str, float] = {
                 "step": step + 1,
                 "tokens": state["tokens"],
                 "elapsed_s": round(state["elapsed_s"], 1),
-                "lr": sched.lr(step),
+                "lr": lr,
                 "train_loss": loss,
-                "context": sched.window(step)[0],
+                "context": length,
             }
-            if (step + 1) % args.eval_every == 0 or step + 1 == sched.total:
+            done = progress >= 1.0
+            if (step + 1) % args.eval_every == 0 or done:
+                held = WindowMaker(
+                    data.held_ids, maker.encode, maker.vocab_size, 7, repeat_vocab=args.repeat_vocab
+                )
                 last_eval = evaluate(
                     model,
-                    WindowMaker(data.held_ids, maker.encode, maker.vocab_size, 7),
+                    held,
                     args.device,
                     text_length=min(args.context, 1024),
                     needle_length=min(args.context, 2048),
@@ -180,18 +205,14 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix(
                 loss=f"{loss:.3f}",
                 tok_s=f"{ntok / (time.monotonic() - t0):.0f}",
-                T=sched.window(step)[0],
+                T=length,
+                progress=f"{min(progress, 1.0):.0%}",
             )
             bar.update(1)
-            out_of_time = time.monotonic() - started > args.max_minutes * 60
-            if (step + 1) % args.ckpt_every == 0 or out_of_time or state["step"] == sched.total:
+            if (step + 1) % args.ckpt_every == 0 or done:
                 save_checkpoint(ckpt_path, model, optim, maker, state)
-            if out_of_time:
-                bar.write(
-                    f"stopping after {args.max_minutes} minutes at step {step + 1}; --resume continues"
-                )
-                break
         bar.close()
+        logger.info("finished at step %d after %.0f s", state["step"], state["elapsed_s"])
     if args.export is not None:
         export_model(model, tok, args.export, args.context, curve_path, summary())
         print(f"exported to {args.export}")
