@@ -74,7 +74,12 @@ def start_alertmanager(
     die_with_parent: bool = False,
 ) -> AlertmanagerServer:
     """Render the config under `run_dir`/alertmanager, start Alertmanager and return once ready."""
-    port = choose_port(settings.alertmanager_port, strict=settings.strict_ports, taken=taken_ports)
+    port = choose_port(
+        settings.alertmanager_port,
+        strict=settings.strict_ports,
+        taken=taken_ports,
+        setting="HEADWATCH_STACK_ALERTMANAGER_PORT",
+    )
     home = run_dir / "alertmanager"
     home.mkdir(parents=True, exist_ok=True)
     config = write_config(paths, home / "alertmanager.yml", settings.alertmanager_webhook_url)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -95,8 +96,11 @@ def _up(args: argparse.Namespace, paths: StackPaths) -> int:
     try:
         stack.start(args.only or SERVICES)
     except BaseException:
-        # start() stopped whatever had started; the logs stay for a look.
-        print(f"headwatch stack: logs of the failed start are in {run_dir}", file=sys.stderr)
+        # start() stopped whatever had started; logs stay for a look, an empty folder goes.
+        if any(run_dir.rglob("*.log")):
+            print(f"headwatch stack: logs of the failed start are in {run_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
     state = stack.state()
     dump_state(state, paths.state_file)

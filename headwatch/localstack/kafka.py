@@ -102,8 +102,9 @@ def start_kafka(
     """Format storage under `run_dir`/kafka, start the broker and return once it answers."""
     port = choose_port(settings.kafka_port, strict=settings.strict_ports, taken=taken_ports)
     controller_port = choose_port(
-        settings.kafka_controller_port, strict=settings.strict_ports, taken={*taken_ports, port}
-    )
+        settings.kafka_controller_port, strict=settings.strict_ports, taken={*taken_ports, port},
+        setting="HEADWATCH_STACK_KAFKA_CONTROLLER_PORT",
+    )  # fmt: skip
     kafka_dir = run_dir / "kafka"
     data_dir = kafka_dir / "data"
     kafka_dir.mkdir(parents=True, exist_ok=True)

@@ -40,12 +40,13 @@ def choose_port(
     is_free: Callable[[int], bool] = is_port_free,
     pick_free: Callable[[], int] = free_port,
     attempts: int = 20,
+    setting: str = "HEADWATCH_STACK_KAFKA_PORT",
 ) -> int:
     """Return `preferred` if it is free, else a free port (0 asks for any free port).
 
     `taken` holds ports already promised to other services of the same stack, which are not
     listening yet. With `strict`, a busy preferred port raises instead of falling back. No
-    process is ever stopped to free a port.
+    process is ever stopped to free a port; the error names `setting`, which chooses the port.
     """
     if not 0 <= preferred <= 65535:
         raise PortUnavailableError(f"expected a port in 0..65535, got {preferred}")
@@ -55,7 +56,7 @@ def choose_port(
         if strict:
             raise PortUnavailableError(
                 f"port {preferred} on {HOST} is in use by another process; stop it or choose "
-                "another port (e.g. HEADWATCH_STACK_KAFKA_PORT=0 for any free port)"
+                f"another port ({setting}=0 for any free port)"
             )
     for _ in range(attempts):
         port = pick_free()

@@ -103,7 +103,12 @@ def start_prometheus(
     die_with_parent: bool = False,
 ) -> PrometheusServer:
     """Render the config under `run_dir`/prometheus, start Prometheus and return once ready."""
-    port = choose_port(settings.prometheus_port, strict=settings.strict_ports, taken=taken_ports)
+    port = choose_port(
+        settings.prometheus_port,
+        strict=settings.strict_ports,
+        taken=taken_ports,
+        setting="HEADWATCH_STACK_PROMETHEUS_PORT",
+    )
     home = run_dir / "prometheus"
     targets_dir = home / "targets"
     targets_dir.mkdir(parents=True, exist_ok=True)
