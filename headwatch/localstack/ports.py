@@ -6,7 +6,7 @@ import logging
 import socket
 from collections.abc import Callable, Collection
 
-from headwatch.localstack.errors import PortUnavailableError
+from headwatch.localstack.errors import PortUnavailableError, StackConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def choose_port(
     process is ever stopped to free a port; the error names `setting`, which chooses the port.
     """
     if not 0 <= preferred <= 65535:
-        raise PortUnavailableError(f"expected a port in 0..65535, got {preferred}")
+        raise StackConfigError(f"expected a port in 0..65535, got {preferred}")
     if preferred:
         if preferred not in taken and is_free(preferred):
             return preferred
