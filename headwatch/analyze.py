@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 # the collector's production default (256) would be an eighth of the cache; 64 keeps 3%.
 SINK_TOKENS = 4
 RECENT_TOKENS = 64
+BUNDLED_NAME = "headwatch-bundled"
 _WEIGHTS = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -82,11 +83,7 @@ def load_model(model_dir: Path | None, device: str = "cpu") -> tuple[Any, Any, s
             model, tokenizer = load_bundled(device)
         except BundledModelError as exc:
             raise ModelFilesError(str(exc)) from exc
-        return (
-            model,
-            tokenizer,
-            str(getattr(model.config, "name_or_path", "") or "headwatch-bundled"),
-        )
+        return model, tokenizer, BUNDLED_NAME
     check_model_files(model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)

@@ -177,20 +177,36 @@ def representative_heads(summary: HeadSummary) -> dict[str, tuple[int, int]]:
     return chosen
 
 
+def _needle_head(
+    summary: HeadSummary, rows: dict[int, np.ndarray], prompt: Prompt
+) -> tuple[int, int]:
+    """Return the concentrated-middle head that puts the most mass on the needle of `prompt`."""
+    best, best_mass = (-1, -1), -1.0
+    for layer, head in zip(*np.nonzero(summary.patterns == "concentrated_middle"), strict=True):
+        mass = float(rows[int(layer)][int(head), prompt.needle_start : prompt.needle_end].sum())
+        if mass > best_mass:
+            best, best_mass = (int(layer), int(head)), mass
+    return best
+
+
 def pattern_rows(
     summary: HeadSummary, rows: dict[int, np.ndarray], prompt: Prompt, out_dir: Path
 ) -> list[Figure]:
     """Write, for one head of each pattern, its attention over the positions of `prompt`."""
     plt = _pyplot()
     figures: list[Figure] = []
-    for pattern, (layer, head) in representative_heads(summary).items():
+    chosen = representative_heads(summary)
+    if prompt.has_needle and "concentrated_middle" in chosen:
+        chosen["concentrated_middle"] = _needle_head(summary, rows, prompt)
+    for pattern, (layer, head) in chosen.items():
         p = rows[layer][head]
         n = p.size
         entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
         sink = float(p[: summary.sink_tokens].sum())
         recent = float(p[max(0, n - summary.recent_tokens) :].sum())
         fig, ax = plt.subplots(figsize=(9, 3.2))
-        ax.bar(np.arange(n), p, width=1.0, color=PATTERN_COLOURS[pattern])
+        # one line per key (a single collection): a lone key stays visible at 2K+ positions
+        ax.vlines(np.arange(n), 0.0, p, colors=PATTERN_COLOURS[pattern], linewidth=1.2)
         ax.axvspan(-0.5, summary.sink_tokens - 0.5, color="#2ca02c", alpha=0.15, label="sink")
         ax.axvspan(
             n - summary.recent_tokens - 0.5, n - 0.5, color="#ff7f0e", alpha=0.15, label="recent"
@@ -211,7 +227,7 @@ def pattern_rows(
             f"Layer {layer}, head {head}: {pattern}. Entropy = {entropy:.2f} nats; sink {sink:.1%}, recent {recent:.1%}, middle {1 - sink - recent:.1%}",
             fontsize=9,
         )
-        ax.legend(loc="upper center", fontsize=7)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
         name = f"attention_{pattern}.png"
         _save(fig, out_dir / name)
         where = (
