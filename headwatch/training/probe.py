@@ -67,24 +67,29 @@ def probe_heads(
     n_prompts: int = 8,
     length: int = 2048,
     form: int | None = 0,
-) -> tuple[list[HeadStats], float]:
-    """Return per-head mean statistics and the needle accuracy (first answer token) over prompts.
+) -> tuple[list[HeadStats], float, float]:
+    """Return per-head mean statistics and needle accuracy (first token, exact) over prompts.
 
     `form` 0 asks for a pass key: its first answer token is a digit that only copying predicts.
     """
     model.config._attn_implementation = "eager"
     sums: dict[tuple[int, int], np.ndarray] = {}
     hits = 0
+    exact = 0
     n_keys = 0
     for i in range(n_prompts):
         w = maker.needle_window(length, n_needles=1, depth=(i + 0.5) / n_prompts, form=form)
-        prompt = torch.as_tensor(w.ids[: w.answer_start]).unsqueeze(0)
+        # the whole window runs once; causal attention makes the row of the prompt's last
+        # token (the question's end) the same as if the prompt ran alone
         with torch.no_grad():
-            out = model(input_ids=prompt, output_attentions=True)
-        hits += int(out.logits[0, -1].argmax()) == int(w.ids[w.answer_start])
-        n_keys = prompt.size(1)
+            out = model(input_ids=torch.as_tensor(w.ids).unsqueeze(0), output_attentions=True)
+        a, b = w.answer_start, w.answer_end
+        pred = out.logits[0, a - 1 : b - 1].argmax(-1).numpy()
+        hits += int(pred[0] == w.ids[a])
+        exact += int((pred == w.ids[a:b]).all())
+        n_keys = a
         for layer, att in enumerate(out.attentions):
-            p = att[0, :, -1, :].float()  # (heads, keys) for the last query token
+            p = att[0, :, a - 1, :a].float()  # (heads, keys) for the question's last token
             for head in range(p.size(0)):
                 row = p[head]
                 top = torch.sort(row, descending=True).values
@@ -118,7 +123,7 @@ def probe_heads(
                 classify(s[1], s[2], middle, s[3], s[0], n_keys),
             )
         )
-    return rows, hits / n_prompts
+    return rows, hits / n_prompts, exact / n_prompts
 
 
 def format_table(rows: list[HeadStats]) -> str:
@@ -166,13 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     model, tok = load_bundled(model_dir=args.model_dir, attn_implementation="eager")
-    rows, accuracy = probe_heads(model, held_out_maker(tok), args.prompts, args.length, args.form)
+    rows, first, exact = probe_heads(
+        model, held_out_maker(tok), args.prompts, args.length, args.form
+    )
     print(format_table(rows))
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.pattern] = counts.get(r.pattern, 0) + 1
     print(
-        f"\npatterns: {counts}; needle first-token accuracy {accuracy:.2f} over {args.prompts} prompts"
+        f"\npatterns: {counts}; needle accuracy over {args.prompts} prompts: "
+        f"first token {first:.2f}, whole answer {exact:.2f}"
     )
     return 0
 

@@ -191,11 +191,12 @@ def test_training_steps_reduce_the_loss(maker: WindowMaker) -> None:
         layers=1,
         heads=2,
         kv_heads=1,
-        context=512,
-        context_a=256,
+        context=128,
+        context_a=64,
         steps_a=30,
         steps_b=0,
-        tokens_per_step=512,
+        tokens_per_step=256,
+        mix_a="text=1,random_repeat=1",
         lr=1e-2,
         warmup=1,
     )
@@ -207,10 +208,31 @@ def test_training_steps_reduce_the_loss(maker: WindowMaker) -> None:
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
 
 
+def test_schedule_fits_the_curriculum_into_the_time_budget() -> None:
+    args = argparse.Namespace(
+        steps_a=100,
+        steps_b=300,
+        max_minutes=10.0,
+        context=2048,
+        context_a=256,
+        tokens_per_step=4096,
+        lr=1e-3,
+        warmup=10,
+    )
+    sched = Schedule(args)
+    # a quarter of the steps or a quarter of the time, whichever comes first, ends phase A
+    assert sched.window(sched.progress(step=50, elapsed_s=60))[0] == 256
+    assert sched.window(sched.progress(step=50, elapsed_s=160))[0] == 2048
+    assert sched.window(sched.progress(step=120, elapsed_s=1))[0] == 2048
+    assert sched.progress(step=10, elapsed_s=600) >= 1.0
+    assert sched.lr(500, 1.0) == pytest.approx(1e-4)
+    assert sched.lr(0, 0.0) == pytest.approx(1e-4)  # first warm-up step
+
+
 def test_resume_continues_from_the_saved_step(tmp_path: Path, text_dir: Path) -> None:
     assert main(_tiny_args(tmp_path, text_dir, "--max-minutes", "0")) == 0
     blob = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    assert blob["state"]["step"] == 1  # stopped by the time limit after one step
+    assert blob["state"]["step"] == 1  # a zero time budget ends the run after one step
     assert main(_tiny_args(tmp_path, text_dir, "--resume")) == 0
     blob = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert blob["state"]["step"] == 4
