@@ -97,6 +97,11 @@ class FileSink:
 
 
 def estimated_bytes(message: HeadStatsMessage) -> int:
-    """Return an upper bound of a message's encoded size, without encoding it."""
+    """Return the memory a queued message holds: its float64 arrays, validity mask and header.
+
+    An upper bound of the encoded size too (4 bytes a cell before compression), so a queue bounded
+    by this number bounds both the memory and what the producer is handed.
+    """
     h = message.header
-    return 2048 + 4 * h.num_layers * h.num_query_heads * (len(h.stat_names) + 1)
+    cells = h.num_layers * h.num_query_heads
+    return 4096 + cells * (8 * len(h.stat_names) + 1)

@@ -12,24 +12,29 @@ Cost and memory (K visible keys, n rows, h query heads, d head dim, C = `chunk_k
 - the sink+recent keep-set is gathered by index (S + R keys), so its mass and the value-aware
   eviction error cost O(S + R);
 - `keys_for_90pct` is read from the sorted top-k when the largest top-k already holds 90% of the
-  mass; otherwise it needs up to `refine_passes` more passes of 1024-bin histograms over the
-  logits, each narrowing the bin that crosses 90% (exact up to ties within float resolution).
-  When one chunk covers the row the logits of pass 1 are reused, otherwise the passes recompute
-  q.k (they read the keys again, not the values).
+  mass (peaked heads: no extra cost); otherwise two more passes over the logits: a 4096-bin
+  histogram of mass and count, then an exact sort of the keys in the bin where the cumulative
+  mass crosses 90% (a masked top-k of that bin's size). When one chunk covers the row the logits
+  of pass 1 are reused; otherwise the passes recompute q.k (reading the keys again, not the values).
 GQA: the query heads are reshaped into (kv_heads, group), never `repeat_kv` copies of the cache.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from collector.schema import DEFAULT_TOP_K, top_k_stat
 
-_BINS = 1024
+_BINS = 4096
+_RANGE = 88.0  # exp(-88) is below float32's smallest normal: such keys have probability 0
+_MAX_SORTED = 16384
+# Float32 probabilities carry ~1e-7 relative error each: a cumulative mass within this fraction of
+# the target counts as reaching it, so exact ties (e.g. 900 of 1000 equal keys) count exactly.
+_MASS_SLACK = 1e-6
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,6 @@ class StatsSpec:
     top_k: tuple[int, ...] = DEFAULT_TOP_K
     mass_target: float = 0.9
     chunk_keys: int = 65536
-    refine_passes: int = 4
 
 
 @dataclass(frozen=True)
@@ -71,10 +75,11 @@ def _logits(
 ) -> torch.Tensor:
     """Return (n, kv_heads, group, stop - start) float32 logits as the kernel computes them."""
     key = _gather_keys(rows.key, rows.batch_index, start, stop)
-    logits = torch.matmul(rows.query.float(), key.float().transpose(-1, -2)) * scaling
+    logits = torch.matmul(rows.query.float(), key.float().transpose(-1, -2))
+    logits.mul_(scaling)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    return logits + rows.bias[:, None, None, start:stop]
+    return logits.add_(rows.bias[:, None, None, start:stop])
 
 
 def _gather_keys(t: torch.Tensor, batch_index: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -97,7 +102,6 @@ def row_statistics(
     device = rows.query.device
     shape = (n, kv_heads, group)
     running_max = torch.full(shape, -math.inf, device=device)
-    running_min = torch.full(shape, math.inf, device=device)
     sum_exp = torch.zeros(shape, device=device)
     sum_xlogx = torch.zeros(shape, device=device)
     out = torch.zeros((*shape, rows.value.shape[-1]), device=device)
@@ -109,26 +113,19 @@ def row_statistics(
         new_max = torch.maximum(running_max, logits.amax(-1))
         safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
         # Rescale what was accumulated against the old maximum: e' = e * r, e' log e' = r (e log e - d e).
-        shift = torch.where(
-            torch.isfinite(running_max), running_max - safe_max, torch.zeros_like(safe_max)
-        )
-        rescale = torch.where(
-            torch.isfinite(running_max), torch.exp(shift), torch.zeros_like(shift)
-        )
-        weights = torch.exp(logits - safe_max[..., None])
-        sum_xlogx = rescale * (sum_xlogx + shift * sum_exp) + torch.special.xlogy(
-            weights, weights
-        ).sum(-1)
+        seen = torch.isfinite(running_max)
+        shift = torch.where(seen, running_max - safe_max, torch.zeros_like(safe_max))
+        rescale = torch.where(seen, torch.exp(shift), torch.zeros_like(shift))
+        # log of each weight; masked keys (-inf) are clamped so that 0 * log 0 counts as 0.
+        log_weights = (logits - safe_max[..., None]).clamp_(min=-1e30)
+        weights = torch.exp(log_weights)
+        sum_xlogx = rescale * (sum_xlogx + shift * sum_exp) + torch.linalg.vecdot(weights, log_weights)
         sum_exp = rescale * sum_exp + weights.sum(-1)
         value = _gather_keys(rows.value, rows.batch_index, start, stop).float()
         out = rescale[..., None] * out + torch.matmul(weights, value)
-        finite = torch.where(torch.isfinite(logits), logits, torch.full_like(logits, math.inf))
-        running_min = torch.minimum(running_min, finite.amin(-1))
-        top = (
-            torch.cat([top, logits], dim=-1)
-            .topk(min(kmax, top.shape[-1] + stop - start), dim=-1)
-            .values
-        )
+        chunk_top = logits.topk(min(kmax, stop - start), dim=-1).values
+        merged = torch.cat([top, chunk_top], dim=-1)
+        top = merged.topk(min(kmax, merged.shape[-1]), dim=-1).values
         running_max = new_max
         last_logits = logits
     safe_max = torch.where(torch.isfinite(running_max), running_max, torch.zeros_like(running_max))
@@ -153,7 +150,7 @@ def row_statistics(
     key_mass = 1.0 - sink_atom / total
     target = spec.mass_target * key_mass
     keys_needed = _keys_for_target(
-        rows, scaling, softcap, spec, cum_top, target, lse, running_min, running_max, last_logits
+        rows, scaling, softcap, spec, cum_top, target, lse, running_max, last_logits
     )
     result["keys_for_90pct"] = keys_needed
 
@@ -204,99 +201,84 @@ def _keys_for_target(
     cum_top: torch.Tensor,
     target: torch.Tensor,
     lse: torch.Tensor,
-    low: torch.Tensor,
     high: torch.Tensor,
     cached: torch.Tensor,
 ) -> torch.Tensor:
     """Return the smallest number of keys (largest first) whose mass reaches `target`, as float."""
-    reached = cum_top >= target[..., None]
-    from_top = (~reached).sum(-1).float() + 1.0
-    solved = reached[..., -1]
     if cum_top.shape[-1] == 0:
         return torch.full_like(target, math.nan)
+    reached = cum_top >= (target * (1 - _MASS_SLACK))[..., None]
+    from_top = (~reached).sum(-1).float() + 1.0
+    solved = reached[..., -1]
+    # Peaked heads are answered by the top-k already: no extra pass (a host sync on measured passes only).
+    if bool(solved.all()):
+        return from_top
     total_keys = rows.key.shape[2]
     one_chunk = total_keys <= spec.chunk_keys
 
-    def logits_of(start: int, stop: int) -> torch.Tensor:
+    def chunks() -> Iterator[torch.Tensor]:
         if one_chunk:
-            return cached
-        return _logits(rows, start, stop, scaling, softcap)
-
-    refined = _refine(logits_of, total_keys, spec, target, lse, low, high, solved)
-    return torch.where(solved, from_top, refined)
-
-
-def _refine(
-    logits_of: Callable[[int, int], torch.Tensor],
-    total_keys: int,
-    spec: StatsSpec,
-    target: torch.Tensor,
-    lse: torch.Tensor,
-    low: torch.Tensor,
-    high: torch.Tensor,
-    solved: torch.Tensor,
-) -> torch.Tensor:
-    """Narrow, by histogram passes, the logit interval where the cumulative mass crosses `target`.
-
-    Bins are counted from the top: bin 0 holds the largest logits. Each pass keeps only keys whose
-    bin index matched the crossing bin in every previous pass (the same formula, so boundaries are
-    consistent), and adds the mass and count above the crossing bin to what is already taken.
-    The remaining keys of the final crossing bin are taken as equal (their logits differ by less
-    than the final bin width, float resolution after a few passes).
-    """
-    # Without any pending row, skip the passes: the common case for peaked heads.
-    if bool(solved.all()):
-        return torch.zeros_like(target)
-    levels: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (top, width, chosen bin)
-    # Masses add up in float64: the count at the end divides by a per-key mass.
-    target = target.double()
-    mass_above = torch.zeros_like(target)
-    count_above = torch.zeros_like(target)
-    top, width = high, (high - low) / _BINS
-    bin_mass = torch.zeros_like(target)
-    bin_count = torch.zeros_like(target)
-    for _ in range(spec.refine_passes):
-        mass = torch.zeros((*target.shape, _BINS), device=target.device, dtype=torch.float64)
-        count = torch.zeros_like(mass)
+            yield cached
+            return
         for start in range(0, total_keys, spec.chunk_keys):
-            logits = logits_of(start, min(start + spec.chunk_keys, total_keys))
-            inside = torch.isfinite(logits)
-            for lvl_top, lvl_width, lvl_bin in levels:
-                inside &= _bin_of(logits, lvl_top, lvl_width) == lvl_bin[..., None]
-            bins = _bin_of(logits, top, width)
-            probs = torch.where(
-                inside, torch.exp(logits - lse[..., None]), torch.zeros_like(logits)
-            )
-            mass.scatter_add_(-1, bins, probs.double())
-            count.scatter_add_(-1, bins, inside.to(count.dtype))
-        cum = mass_above[..., None] + mass.cumsum(-1)
-        crossing = (cum < target[..., None]).sum(-1).clamp(max=_BINS - 1)
-        before = crossing[..., None] - 1
-        mass_above = mass_above + torch.where(
-            before >= 0,
-            mass.cumsum(-1).gather(-1, before.clamp(min=0)),
-            torch.zeros_like(before, dtype=mass.dtype),
-        ).squeeze(-1)
-        count_above = count_above + torch.where(
-            before >= 0,
-            count.cumsum(-1).gather(-1, before.clamp(min=0)),
-            torch.zeros_like(before, dtype=count.dtype),
-        ).squeeze(-1)
-        bin_mass = mass.gather(-1, crossing[..., None]).squeeze(-1)
-        bin_count = count.gather(-1, crossing[..., None]).squeeze(-1)
-        levels.append((top, width, crossing))
-        top, width = top - crossing * width, width / _BINS
-        if bool(((bin_count <= 1) | solved).all()):
-            break
-    per_key = bin_mass / bin_count.clamp(min=1)
-    needed = torch.ceil(((target - mass_above) / per_key.clamp(min=1e-38)) * (1 - 1e-6))
-    needed = needed.clamp(min=1).minimum(bin_count.clamp(min=1))
-    return (count_above + needed).float()
+            yield _logits(rows, start, min(start + spec.chunk_keys, total_keys), scaling, softcap)
+
+    refined = _select(chunks, target, lse, high, solved)
+    return torch.where(solved, from_top, refined)
 
 
 def _bin_of(logits: torch.Tensor, top: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
     """Return the bin index of each logit, 0 for the largest, clamped to [0, bins)."""
-    safe_width = torch.where(width > 0, width, torch.ones_like(width))
-    raw = torch.floor((top[..., None] - logits) / safe_width[..., None])
-    raw = torch.where(torch.isfinite(raw), raw, torch.full_like(raw, _BINS - 1))
-    return raw.clamp(0, _BINS - 1).long()
+    raw = (top[..., None] - logits).mul_(1.0 / width[..., None])
+    # Non-negative, so truncation is floor; masked keys (inf) and NaN land in the last bin.
+    return raw.nan_to_num_(nan=_BINS - 1, posinf=_BINS - 1).clamp_(0, _BINS - 1).long()
+
+
+def _select(
+    chunks: Callable[[], Iterator[torch.Tensor]],
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    high: torch.Tensor,
+    solved: torch.Tensor,
+) -> torch.Tensor:
+    """Count the largest keys reaching `target`: one histogram pass, then the crossing bin sorted.
+
+    Pass 1: a histogram of mass and count over logits in [max - 88, max] (below that, float32
+    probabilities are 0). Pass 2 takes the keys of the bin where the cumulative mass crosses the
+    target, sorts them exactly (a masked top-k of the bin's largest count) and counts within it.
+    When that bin holds more than `_MAX_SORTED` keys (near-ties), its keys are counted as equal:
+    their logits differ by less than the bin width (88 / 4096 nats).
+    """
+    width = torch.full_like(high, _RANGE / _BINS)
+    top = torch.where(torch.isfinite(high), high, torch.zeros_like(high))
+    target = target.double()
+    mass = torch.zeros((*target.shape, _BINS), device=target.device, dtype=torch.float64)
+    count = torch.zeros_like(mass, dtype=torch.float32)  # exact up to 2**24 keys a bin
+    for logits in chunks():
+        bins = _bin_of(logits, top, width)
+        probs = torch.exp(logits - lse[..., None])
+        mass.scatter_add_(-1, bins, probs.double())
+        count.scatter_add_(-1, bins, (logits > -math.inf).to(count.dtype))
+    cum_mass = mass.cumsum(-1)
+    crossing = (cum_mass < target[..., None]).sum(-1).clamp(max=_BINS - 1)
+    before = (crossing - 1).clamp(min=0)[..., None]
+    has_before = (crossing > 0).double()
+    mass_above = cum_mass.gather(-1, before).squeeze(-1) * has_before
+    count_above = count.double().cumsum(-1).gather(-1, before).squeeze(-1) * has_before
+    bin_mass = mass.gather(-1, crossing[..., None]).squeeze(-1)
+    bin_count = count.double().gather(-1, crossing[..., None]).squeeze(-1)
+    widest = int(torch.where(solved, torch.zeros_like(bin_count), bin_count).max())
+    if widest > _MAX_SORTED:
+        per_key = bin_mass / bin_count.clamp(min=1)
+        needed = torch.ceil((target - mass_above) / per_key.clamp(min=1e-300) * (1 - 1e-9))
+        return (count_above + needed.clamp(min=1).minimum(bin_count.clamp(min=1))).float()
+    inside: torch.Tensor | None = None
+    for logits in chunks():
+        picked = torch.where(_bin_of(logits, top, width) == crossing[..., None], logits, -math.inf)
+        merged = picked if inside is None else torch.cat([inside, picked], dim=-1)
+        inside = merged.topk(min(max(widest, 1), merged.shape[-1]), dim=-1).values
+    if inside is None:
+        return torch.full_like(high, math.nan)
+    cum_inside = mass_above[..., None] + torch.exp(inside - lse[..., None]).double().cumsum(-1)
+    needed = (cum_inside < (target * (1 - _MASS_SLACK))[..., None]).sum(-1).double() + 1
+    return (count_above + needed.minimum(bin_count.clamp(min=1))).float()

@@ -1,0 +1,68 @@
+"""Shared helpers of the collector benchmarks: tiny models, timing, bounds and results."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+BOUNDS = HERE / "bounds.json"
+RESULTS = HERE / "results"
+
+
+def llama(hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int = 256, positions: int = 131072) -> Any:
+    """Return a random-weight Llama in eval mode (fp32, CPU, sdpa)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=positions, initializer_range=0.2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Return the median seconds of each run, measured in alternation so that drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def device_description() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def report(name: str, result: dict[str, Any], save: bool) -> int:
+    """Print the result, compare it with the committed bounds, optionally save it; return the exit status."""
+    bounds = json.loads(BOUNDS.read_text()).get(name, {})
+    failures = []
+    for key, limit in bounds.items():
+        metric, _, kind = key.rpartition("_")
+        if metric not in result:
+            continue
+        value = result[metric]
+        if (kind == "max" and value > limit) or (kind == "min" and value < limit):
+            failures.append(f"{metric}={value} outside {kind} {limit}")
+    result = {"benchmark": name, "device": device_description(), **result, "bounds": bounds, "failures": failures}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if save:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{name}.json").write_text(text + "\n")
+    return 1 if failures else 0
