@@ -48,8 +48,22 @@ def _pyplot() -> Any:
     return plt
 
 
-def _heatmap(ax: Any, data: np.ndarray, title: str, vmin: float, vmax: float, cmap: str) -> Any:
+# Small models get their values written into the cells; large ones would be unreadable.
+_ANNOTATE_MAX_CELLS = 128
+
+
+def _heatmap(
+    ax: Any, data: np.ndarray, title: str, vmin: float, vmax: float, cmap: Any, fmt: str = "{:.2f}"
+) -> Any:
     image = ax.imshow(data, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    if data.size <= _ANNOTATE_MAX_CELLS and fmt:
+        mid = (vmin + vmax) / 2
+        for (row, col), value in np.ndenumerate(data):
+            if np.isfinite(value):
+                colour = "white" if (value < mid) == (cmap != "Reds") else "black"
+                ax.text(
+                    col, row, fmt.format(value), ha="center", va="center", fontsize=7, color=colour
+                )
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
@@ -125,7 +139,15 @@ def heatmaps(summary: HeadSummary, out_dir: Path) -> list[Figure]:
     from matplotlib.patches import Patch
 
     cmap = ListedColormap([PATTERN_COLOURS[p] for p in PATTERNS])
-    _heatmap(ax, codes.astype(float), "Attention pattern per head", -0.5, len(PATTERNS) - 0.5, cmap)  # type: ignore[arg-type]
+    _heatmap(
+        ax,
+        codes.astype(float),
+        "Attention pattern per head",
+        -0.5,
+        len(PATTERNS) - 0.5,
+        cmap,
+        fmt="",
+    )
     present = [p for p in PATTERNS if (summary.patterns == p).any()]
     ax.legend(
         handles=[Patch(color=PATTERN_COLOURS[p], label=p) for p in present],
