@@ -7,7 +7,7 @@ import logging
 import subprocess
 import uuid
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from headwatch.localstack.errors import ServiceStartError
@@ -114,26 +114,54 @@ def start_kafka(
          "data_dir": data_dir, "partitions": settings.kafka_partitions},
         kafka_dir / "server.properties",
     )  # fmt: skip
-    log4j = paths.deploy_dir / "log4j2.properties"
     _format_storage(java_command(
-        java, dist, log4j, "256m", STORAGE_TOOL_CLASS,
+        java, dist, paths.deploy_dir / "log4j2.properties", "256m", STORAGE_TOOL_CLASS,
         "format", "-t", new_cluster_id(), "-c", str(properties),
     ), kafka_dir / "format.log")  # fmt: skip
-    handle = spawn(
-        "kafka",
-        java_command(java, dist, log4j, settings.kafka_heap, BROKER_CLASS, str(properties)),
-        kafka_dir / "kafka.log",
-        cwd=kafka_dir,
-        die_with_parent=die_with_parent,
+    handle = _run_broker(java, dist, paths, settings, kafka_dir, port, die_with_parent)
+    logger.info("Kafka %s at %s:%s", dist.version, HOST, port)
+    return KafkaBroker(handle, port, controller_port, data_dir, dist.version)
+
+
+def restart_kafka(
+    broker: KafkaBroker,
+    java: Path,
+    dist: KafkaDistribution,
+    paths: StackPaths,
+    settings: StackSettings,
+    *,
+    die_with_parent: bool = False,
+) -> KafkaBroker:
+    """Stop `broker` and start it again on the same ports and data; return once it answers.
+
+    Usage:
+        broker = restart_kafka(broker, java, dist, paths, settings)  # topics and offsets kept
+    """
+    stop(broker.process, settings.stop_timeout_seconds)
+    handle = _run_broker(
+        java, dist, paths, settings, broker.data_dir.parent, broker.port, die_with_parent
     )
-    broker = KafkaBroker(handle, port, controller_port, data_dir, dist.version)
+    logger.info("Kafka %s restarted at %s", dist.version, broker.bootstrap)
+    return replace(broker, process=handle)
+
+
+def _run_broker(
+    java: Path, dist: KafkaDistribution, paths: StackPaths, settings: StackSettings,
+    kafka_dir: Path, port: int, die_with_parent: bool,
+) -> ProcessHandle:  # fmt: skip
+    """Start the broker of `kafka_dir`/server.properties and return once it answers on `port`."""
+    argv = java_command(
+        java, dist, paths.deploy_dir / "log4j2.properties", settings.kafka_heap, BROKER_CLASS,
+        str(kafka_dir / "server.properties"),
+    )  # fmt: skip
+    handle = spawn("kafka", argv, kafka_dir / "kafka.log", cwd=kafka_dir,
+                   die_with_parent=die_with_parent)  # fmt: skip
     try:
-        wait_ready(handle, lambda: broker_answers(broker.bootstrap), settings.start_timeout_seconds)
+        wait_ready(handle, lambda: broker_answers(f"{HOST}:{port}"), settings.start_timeout_seconds)
     except BaseException:
         stop(handle, settings.stop_timeout_seconds)
         raise
-    logger.info("Kafka %s at %s", dist.version, broker.bootstrap)
-    return broker
+    return handle
 
 
 def _format_storage(argv: list[str], log_path: Path) -> None:

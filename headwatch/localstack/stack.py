@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from headwatch.localstack.alertmanager import AlertmanagerServer, start_alertmanager
-from headwatch.localstack.kafka import KafkaBroker, start_kafka
+from headwatch.localstack.kafka import KafkaBroker, restart_kafka, start_kafka
 from headwatch.localstack.kafka_fetch import cached_kafka, fetch_kafka
 from headwatch.localstack.paths import StackPaths
 from headwatch.localstack.process import ProcessHandle, is_running, stop
@@ -51,6 +51,16 @@ class LocalStack:
                 dist, java, self.paths, self.run_dir, self.settings,
                 taken_ports=self._ports(), die_with_parent=self.die_with_parent,
             )  # fmt: skip
+        return self.kafka
+
+    def restart_kafka(self) -> KafkaBroker:
+        """Stop the broker and start it again with the same address, topics and offsets."""
+        if self.kafka is None:
+            raise ValueError("expected a started broker to restart, got none (call start_kafka)")
+        self.kafka = restart_kafka(
+            self.kafka, require_java(), fetch_kafka(self.paths), self.paths, self.settings,
+            die_with_parent=self.die_with_parent,
+        )  # fmt: skip
         return self.kafka
 
     def start_alertmanager(self) -> AlertmanagerServer:

@@ -6,14 +6,19 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
 from kafka.codec import has_zstd
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from headwatch.localstack.paths import StackPaths
+from headwatch.localstack.settings import StackSettings
+from headwatch.localstack.stack import LocalStack
 from tests.helpers import (
     AlertmanagerService,
     PrometheusService,
@@ -265,3 +270,39 @@ def test_alertmanager_notifies_the_webhook_tests_set(alertmanager: AlertmanagerS
         sink.shutdown()
         sink.server_close()
         thread.join(timeout=5)
+
+
+@pytest.mark.slow
+def test_a_restarted_broker_keeps_its_address_topics_and_committed_offsets(
+    stack_paths: StackPaths, tmp_path: Path, kafka_consumer_settings: dict[str, Any]
+) -> None:
+    # A broker of this test's own: restarting the session's would disturb other tests.
+    settings = StackSettings(kafka_port=0, kafka_controller_port=0)
+    stack = LocalStack(settings, stack_paths, tmp_path, die_with_parent=True)
+    try:
+        bootstrap = stack.start_kafka().bootstrap
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        admin.create_topics([NewTopic("restart_probe", num_partitions=2, replication_factor=1)])
+        admin.close()
+        first = _produce(bootstrap, "restart_probe", 100)
+        before = KafkaConsumer("restart_probe", bootstrap_servers=bootstrap, group_id="probe",
+                               **kafka_consumer_settings)  # fmt: skip
+        assert len(_drain(before, 100)) == 100
+        before.commit()
+        before.close()
+
+        assert stack.restart_kafka().bootstrap == bootstrap
+        _produce(bootstrap, "restart_probe", 10)
+        after = KafkaConsumer("restart_probe", bootstrap_servers=bootstrap, group_id="probe",
+                              **kafka_consumer_settings)  # fmt: skip
+        try:
+            resumed = _drain(after, 10)
+        finally:
+            after.close()
+    finally:
+        stack.stop()
+    # Only the 10 new messages (numbered from 0 again): the first 100 stayed committed, and each
+    # partition's offsets continue where its share of the first 100 ended.
+    assert sorted(_number(r) for r in resumed) == list(range(10))
+    for partition in {r.partition for r in resumed}:
+        assert min(r.offset for r in resumed if r.partition == partition) == len(first[partition])
