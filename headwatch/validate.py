@@ -21,7 +21,6 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from headwatch.prompts import Prompt
 from headwatch.report.errors import HeadwatchToolError, PolicyError
 from headwatch.report.rows import causal_sdpa
+from headwatch.report.validation import Effect, markdown
 
 logger = logging.getLogger(__name__)
 _NAME = "headwatch_streaming_heads"
@@ -88,23 +88,6 @@ def restricted_heads(
         yield
     finally:
         model.set_attn_implementation(previous)
-
-
-@dataclass(frozen=True)
-class Effect:
-    """What restricting one set of KV heads did, over all evaluation prompts."""
-
-    label: str
-    kv_heads: int
-    mean_kl_nats: float
-    perplexity_full: float
-    perplexity_restricted: float
-    answer_nll_change_nats: float
-
-    @property
-    def perplexity_change(self) -> float:
-        """Return the relative perplexity change (0.01 = +1%)."""
-        return self.perplexity_restricted / self.perplexity_full - 1.0
 
 
 @torch.no_grad()
@@ -211,39 +194,6 @@ def compare(
         for i, pick in enumerate(unsafe_draws(streaming_kv, draws, seed))
     ]
     return safe, unsafe
-
-
-def markdown(safe: Effect, unsafe: Sequence[Effect], total_kv: int, context: str) -> str:
-    """Return the validation table (safe vs unsafe heads) as markdown."""
-
-    def cells(label: str, effects: Sequence[Effect]) -> str:
-        kl = [e.mean_kl_nats for e in effects]
-        ppl = [e.perplexity_change for e in effects]
-        ans = [e.answer_nll_change_nats for e in effects]
-        rng = (
-            (lambda xs, f: f" ({f(min(xs))} to {f(max(xs))})")
-            if len(effects) > 1
-            else (lambda xs, f: "")
-        )
-        return (
-            f"| {label} | {effects[0].kv_heads} of {total_kv} | {np.mean(kl):.4f}{rng(kl, lambda x: f'{x:.4f}')} "
-            f"| {effects[0].perplexity_full:.2f} -> {np.mean([e.perplexity_restricted for e in effects]):.2f} "
-            f"| {np.mean(ppl):+.2%}{rng(ppl, lambda x: f'{x:+.2%}')} | {np.nanmean(ans):+.3f} |"
-        )
-
-    ratio = np.mean([e.mean_kl_nats for e in unsafe]) / max(safe.mean_kl_nats, 1e-12)
-    return "\n".join(
-        [
-            "| KV heads restricted to sink + recent | KV heads | mean KL, nats/token | perplexity (full -> restricted) | perplexity change | needle answer NLL change, nats |",
-            "| --- | --- | --- | --- | --- | --- |",
-            cells("marked safe (or chosen, see below)", [safe]),
-            cells(
-                f"marked unsafe, equal number (mean of {len(unsafe)} random draws, range)", unsafe
-            ),
-            "",
-            f"{context} The unsafe heads' mean KL is {ratio:.1f}x the safe heads'.",
-        ]
-    )
 
 
 def _parser() -> argparse.ArgumentParser:
