@@ -29,10 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 steadies timings)")
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args(argv)
 
     import torch
+
+    torch.set_num_threads(args.threads)
     from transformers import DynamicCache
 
     from collector import MemorySink, attach

@@ -240,8 +240,14 @@ def cache_length(cache: Any) -> int:
 
 
 def output_cache(output: Any) -> Any:
-    """Return the cache object a model's forward returned, if any."""
-    return getattr(output, "past_key_values", None)
+    """Return the cache object a model's forward returned, if any.
+
+    ModelOutput is a dict; reading its keys avoids the deprecated `past_key_values` property.
+    """
+    if isinstance(output, dict):
+        found = output.get("cache")
+        return found if found is not None else output.get("past_key_values")
+    return None
 
 
 def text_config(model: nn.Module) -> Any:
