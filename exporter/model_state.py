@@ -7,6 +7,7 @@ Usage:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,8 +31,8 @@ from exporter.window import (
     CountWindow,
     Sample,
     count_cells,
-    entropy_bin,
-    eviction_bin,
+    entropy_bin_of_codes,
+    eviction_bin_of_codes,
     new_counts,
 )
 
@@ -50,7 +51,18 @@ class AggregatePolicy:
     drift: DriftPolicy = field(default_factory=DriftPolicy)
 
 
-_INV_QUANTA = (1 / QUANTA)[:, None, None]
+# Quanta of the window channels plus the eviction error's (2**-13), as multipliers.
+_INV_QUANTA = (1 / np.append(QUANTA, 2.0**-13))[:, None, None]
+
+
+@functools.lru_cache(maxsize=256)
+def _per_layer(visible_keys: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Return (1 / ln(visible keys), 0 where <= 1 key) as (layers, 1) and the keys as int64."""
+    log_keys = np.log(np.maximum(np.asarray(visible_keys, dtype=np.float64), 1))
+    inv = np.divide(1.0, log_keys, out=np.zeros_like(log_keys), where=log_keys > 0)[:, None]
+    keys = np.asarray(visible_keys, dtype=np.int64)
+    inv.flags.writeable = keys.flags.writeable = False
+    return inv, keys
 
 
 def _arrays(msg: HeadStatsMessage) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -69,26 +81,36 @@ def _arrays(msg: HeadStatsMessage) -> tuple[dict[str, np.ndarray], np.ndarray]:
 def to_sample(msg: HeadStatsMessage, thresholds: PatternThresholds) -> Sample:
     """Return the window sample of a message: fixed-point channels, labels and bins per head."""
     raw, valid = _arrays(msg)
+    header = msg.header
+    inv_log_keys, visible = _per_layer(header.visible_keys)
     h, s, r = raw["entropy_nats"], raw["sink_mass"], raw["recent_mass"]
-    log_keys = np.log(np.maximum(np.asarray(msg.header.visible_keys, dtype=np.float64), 1))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        hn = np.where(log_keys[:, None] > 0, h / log_keys[:, None], 0.0)
-    m = np.clip(1.0 - s - r, 0.0, 1.0)
-    tops = {k: raw[top_k_stat(k)] for k in msg.header.top_k}
-    # NaN only where a head is not measured: those count as 0 and are masked by `valid`.
-    stacked = np.nan_to_num(np.stack([h, hn, s, r, m]), copy=False, nan=0.0)
-    ints = np.rint(stacked * _INV_QUANTA).astype(np.uint32)
+    hn = h * inv_log_keys
+    m = 1.0 - s
+    m -= r
+    np.clip(m, 0.0, 1.0, out=m)
+    tops = {k: raw[top_k_stat(k)] for k in header.top_k}
     pattern = classify(PatternInputs(h, hn, s, r, m, tops), thresholds)
+    # Back to the wire's integer codes; NaN (heads not measured) become 0 and are masked by `valid`.
+    codes = np.stack([h, hn, s, r, m, raw["eviction_error"]])
+    codes *= _INV_QUANTA
+    np.rint(codes, out=codes)
+    if not valid.all():
+        np.copyto(codes, 0.0, where=~valid)
+    ints = codes[:5].astype(np.uint32)
     cells = count_cells(
-        h.shape, pattern, eviction_bin(raw["eviction_error"]), entropy_bin(hn), valid
+        h.shape,
+        pattern,
+        eviction_bin_of_codes(codes[5]),
+        entropy_bin_of_codes(ints[1]),
+        valid,
     )
     return Sample(
-        message_id=msg.header.message_id,
-        timestamp_seconds=msg.header.timestamp_seconds,
+        message_id=header.message_id,
+        timestamp_seconds=header.timestamp_seconds,
         ints=ints,
         cells=cells,
         valid=valid,
-        visible_keys=np.asarray(msg.header.visible_keys, dtype=np.int64),
+        visible_keys=visible,
     )
 
 

@@ -85,36 +85,30 @@ class PatternInputs:
 def classify(x: PatternInputs, t: PatternThresholds) -> np.ndarray:
     """Return the pattern code of every (layer, head) as int8 (layers, heads); `mixed` where NaN."""
     s, r, m, h = x.sink_mass, x.recent_mass, x.middle_mass, x.entropy_nats
-    codes = np.full(s.shape, _CODE["mixed"], dtype=np.int8)
+    shape = s.shape
+    # One row per rule, in priority order.
+    hits = np.empty((len(_RULE_ORDER), *shape), dtype=bool)
     with np.errstate(invalid="ignore"):
-        rules = (
-            ("uniform", x.normalized_entropy >= t.uniform_min_normalized_entropy),
-            ("sink", s >= t.sink_min_mass),
-            ("recency", r >= t.recency_min_mass),
-            (
-                "v_shaped",
-                (s + r >= t.v_shaped_min_mass)
-                & (s >= t.v_shaped_min_each)
-                & (r >= t.v_shaped_min_each),
-            ),
-            (
-                "concentrated_middle",
-                (m >= t.middle_min_mass)
-                & (x.top(t.concentrated_top_k) >= t.concentrated_min_top_mass)
-                & (h <= t.concentrated_max_entropy_nats),
-            ),
-            (
-                "scattered_middle",
-                (m >= t.middle_min_mass)
-                & (x.top(t.scattered_top_k) >= t.scattered_min_top_mass)
-                & (h >= t.scattered_min_entropy_nats)
-                & (h <= t.scattered_max_entropy_nats),
-            ),
-        )
-    # Apply in reverse so that the first matching rule is the one that sticks.
-    for name, hit in reversed(rules):
-        codes[hit] = _CODE[name]
+        np.greater_equal(x.normalized_entropy, t.uniform_min_normalized_entropy, out=hits[0])
+        np.greater_equal(s, t.sink_min_mass, out=hits[1])
+        np.greater_equal(r, t.recency_min_mass, out=hits[2])
+        np.greater_equal(s + r, t.v_shaped_min_mass, out=hits[3])
+        hits[3] &= (s >= t.v_shaped_min_each) & (r >= t.v_shaped_min_each)
+        middle = m >= t.middle_min_mass
+        np.less_equal(h, t.concentrated_max_entropy_nats, out=hits[4])
+        hits[4] &= middle & (x.top(t.concentrated_top_k) >= t.concentrated_min_top_mass)
+        np.greater_equal(h, t.scattered_min_entropy_nats, out=hits[5])
+        hits[5] &= middle & (h <= t.scattered_max_entropy_nats)
+        hits[5] &= x.top(t.scattered_top_k) >= t.scattered_min_top_mass
+    codes = np.full(shape, _CODE["mixed"], dtype=np.int8)
+    for row in range(len(_RULE_ORDER) - 1, -1, -1):  # reversed: the first matching rule sticks
+        np.copyto(codes, _RULE_CODES[row], where=hits[row])
     return codes
+
+
+# Rule order of classify (first match wins) and the pattern code each row maps to.
+_RULE_ORDER = ("uniform", "sink", "recency", "v_shaped", "concentrated_middle", "scattered_middle")
+_RULE_CODES = np.array([_CODE[n] for n in _RULE_ORDER], dtype=np.int8)
 
 
 def dominant(counts: np.ndarray, dominance: float) -> np.ndarray:

@@ -68,6 +68,16 @@ def entropy_bin(normalized_entropy: np.ndarray) -> np.ndarray:
     return scaled.astype(np.uint8)
 
 
+def eviction_bin_of_codes(codes: np.ndarray) -> np.ndarray:
+    """Return the histogram bin of eviction errors given as their wire codes (error / 2**-13)."""
+    return _EVICTION_LUT[np.minimum(codes, _EVICTION_LUT.size - 1).astype(np.intp)]
+
+
+def entropy_bin_of_codes(codes: np.ndarray) -> np.ndarray:
+    """Return the 0.1-wide bin of normalised entropies given in 2**-16 steps (the window's channel)."""
+    return np.minimum((codes.astype(np.int64) * ENTROPY_BINS) >> 16, ENTROPY_BINS - 1)
+
+
 @functools.lru_cache(maxsize=64)
 def _cell_base(shape: tuple[int, int]) -> np.ndarray:
     cells = np.arange(shape[0] * shape[1], dtype=np.int64).reshape(shape) * COUNT_COLUMNS
@@ -77,16 +87,27 @@ def _cell_base(shape: tuple[int, int]) -> np.ndarray:
 
 
 def count_cells(
-    shape: tuple[int, int], pattern: np.ndarray, eviction: np.ndarray, entropy: np.ndarray,
+    shape: tuple[int, int],
+    pattern: np.ndarray,
+    eviction: np.ndarray,
+    entropy: np.ndarray,
     valid: np.ndarray,
-) -> np.ndarray:  # fmt: skip
+) -> np.ndarray:
     """Return the flat indices (3, layers, heads) of a sample's columns in a counts array.
 
     Heads not measured point at each block's "not measured" column.
     """
-    codes = np.stack([pattern, eviction, entropy]).astype(np.int64)
-    sentinel = np.array(_BLOCKS, dtype=np.int64)[:, None, None]
-    return _cell_base(shape) + np.where(valid, codes, sentinel)
+    cells = np.empty((3, *shape), dtype=np.int64)
+    cells[0] = pattern
+    cells[1] = eviction
+    cells[2] = entropy
+    if not valid.all():
+        np.copyto(cells, _SENTINELS, where=~valid)
+    cells += _cell_base(shape)
+    return cells
+
+
+_SENTINELS = np.array(_BLOCKS, dtype=np.int64)[:, None, None]
 
 
 def new_counts(shape: tuple[int, int]) -> np.ndarray:
