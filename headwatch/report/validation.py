@@ -29,25 +29,39 @@ class Effect:
         return self.perplexity_restricted / self.perplexity_full - 1.0
 
 
+def _mean_and_range(values: Sequence[float], fmt: str) -> str:
+    """Return "mean (min to max)" of several values, or the value alone; "n/a" when none is finite."""
+    finite = [v for v in values if np.isfinite(v)]
+    if not finite:
+        return "n/a"
+    text = fmt.format(float(np.mean(finite)))
+    if len(finite) > 1:
+        text += f" ({fmt.format(min(finite))} to {fmt.format(max(finite))})"
+    return text
+
+
 def markdown(safe: Effect, unsafe: Sequence[Effect], total_kv: int, context: str) -> str:
     """Return the validation table (safe vs unsafe heads) as markdown."""
 
     def cells(label: str, effects: Sequence[Effect]) -> str:
-        kl = [e.mean_kl_nats for e in effects]
-        ppl = [e.perplexity_change for e in effects]
-        ans = [e.answer_nll_change_nats for e in effects]
-        rng = (
-            (lambda xs, f: f" ({f(min(xs))} to {f(max(xs))})")
-            if len(effects) > 1
-            else (lambda xs, f: "")
-        )
-        return (
-            f"| {label} | {effects[0].kv_heads} of {total_kv} | {np.mean(kl):.4f}{rng(kl, lambda x: f'{x:.4f}')} "
-            f"| {effects[0].perplexity_full:.2f} -> {np.mean([e.perplexity_restricted for e in effects]):.2f} "
-            f"| {np.mean(ppl):+.2%}{rng(ppl, lambda x: f'{x:+.2%}')} | {np.nanmean(ans):+.3f} |"
+        restricted = float(np.mean([e.perplexity_restricted for e in effects]))
+        return " | ".join(
+            [
+                f"| {label}",
+                f"{effects[0].kv_heads} of {total_kv}",
+                _mean_and_range([e.mean_kl_nats for e in effects], "{:.4f}"),
+                f"{effects[0].perplexity_full:.2f} -> {restricted:.2f}",
+                _mean_and_range([e.perplexity_change for e in effects], "{:+.2%}"),
+                _mean_and_range([e.answer_nll_change_nats for e in effects], "{:+.3f}") + " |",
+            ]
         )
 
-    ratio = np.mean([e.mean_kl_nats for e in unsafe]) / max(safe.mean_kl_nats, 1e-12)
+    unsafe_kl = float(np.mean([e.mean_kl_nats for e in unsafe]))
+    ratio = (
+        f"{unsafe_kl / safe.mean_kl_nats:.1f}x"
+        if safe.mean_kl_nats > 1e-9
+        else "far above (the safe heads' KL is ~0)"
+    )
     return "\n".join(
         [
             "| KV heads restricted to sink + recent | KV heads | mean KL, nats/token | perplexity (full -> restricted) | perplexity change | needle answer NLL change, nats |",
@@ -57,6 +71,6 @@ def markdown(safe: Effect, unsafe: Sequence[Effect], total_kv: int, context: str
                 f"marked unsafe, equal number (mean of {len(unsafe)} random draws, range)", unsafe
             ),
             "",
-            f"{context} The unsafe heads' mean KL is {ratio:.1f}x the safe heads'.",
+            f"{context} The unsafe heads' mean KL is {ratio} the safe heads'.",
         ]
     )
