@@ -241,6 +241,9 @@ def run(args: argparse.Namespace) -> int:
         build_report(out, f"headwatch demo: {name}", summary, model, needle, facts)
         live.close(10.0)
         print(f"\nreport: {out}/index.html  ({time.perf_counter() - started:.1f} s)")
+        print(
+            f"policy: {out}/policy/policy.json and {out}/policy/duo_attention/ (docs/policy-format.md)"
+        )
         if args.kafka:
             print(
                 f"published {len(live.messages)} messages to {args.kafka}; run `headwatch exporter` to serve them"
