@@ -106,7 +106,7 @@ def row_statistics(
     sum_xlogx = torch.zeros(shape, device=device)
     out = torch.zeros((*shape, rows.value.shape[-1]), device=device)
     top = torch.full((*shape, 0), -math.inf, device=device)
-    last_logits = torch.empty(0)
+    last_logits = last_weights = torch.empty(0)
     for start in range(0, total_keys, spec.chunk_keys):
         stop = min(start + spec.chunk_keys, total_keys)
         logits = _logits(rows, start, stop, scaling, softcap)
@@ -127,7 +127,7 @@ def row_statistics(
         merged = torch.cat([top, chunk_top], dim=-1)
         top = merged.topk(min(kmax, merged.shape[-1]), dim=-1).values
         running_max = new_max
-        last_logits = logits
+        last_logits, last_weights = logits, weights
     safe_max = torch.where(torch.isfinite(running_max), running_max, torch.zeros_like(running_max))
     total = sum_exp
     xlogx = sum_xlogx
@@ -150,7 +150,7 @@ def row_statistics(
     key_mass = 1.0 - sink_atom / total
     target = spec.mass_target * key_mass
     keys_needed = _keys_for_target(
-        rows, scaling, softcap, spec, cum_top, target, lse, running_max, last_logits
+        rows, scaling, softcap, spec, cum_top, target, lse, running_max, (last_logits, last_weights / total[..., None])
     )
     result["keys_for_90pct"] = keys_needed
 
@@ -202,9 +202,13 @@ def _keys_for_target(
     target: torch.Tensor,
     lse: torch.Tensor,
     high: torch.Tensor,
-    cached: torch.Tensor,
+    cached: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """Return the smallest number of keys (largest first) whose mass reaches `target`, as float."""
+    """Return the smallest number of keys (largest first) whose mass reaches `target`, as float.
+
+    `cached` holds the logits and probabilities of the last chunk of pass 1 (all of them when one
+    chunk covers the row, which saves recomputing them).
+    """
     if cum_top.shape[-1] == 0:
         return torch.full_like(target, math.nan)
     reached = cum_top >= (target * (1 - _MASS_SLACK))[..., None]
@@ -216,12 +220,13 @@ def _keys_for_target(
     total_keys = rows.key.shape[2]
     one_chunk = total_keys <= spec.chunk_keys
 
-    def chunks() -> Iterator[torch.Tensor]:
+    def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if one_chunk:
             yield cached
             return
         for start in range(0, total_keys, spec.chunk_keys):
-            yield _logits(rows, start, min(start + spec.chunk_keys, total_keys), scaling, softcap)
+            logits = _logits(rows, start, min(start + spec.chunk_keys, total_keys), scaling, softcap)
+            yield logits, torch.exp(logits - lse[..., None])
 
     refined = _select(chunks, target, lse, high, solved)
     return torch.where(solved, from_top, refined)
@@ -235,7 +240,7 @@ def _bin_of(logits: torch.Tensor, top: torch.Tensor, width: torch.Tensor) -> tor
 
 
 def _select(
-    chunks: Callable[[], Iterator[torch.Tensor]],
+    chunks: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
     target: torch.Tensor,
     lse: torch.Tensor,
     high: torch.Tensor,
@@ -254,11 +259,17 @@ def _select(
     target = target.double()
     mass = torch.zeros((*target.shape, _BINS), device=target.device, dtype=torch.float64)
     count = torch.zeros_like(mass, dtype=torch.float32)  # exact up to 2**24 keys a bin
-    for logits in chunks():
+    one = torch.ones((1,) * mass.dim(), device=mass.device)
+    kept_bins: list[torch.Tensor] = []
+    for logits, probs in chunks():
         bins = _bin_of(logits, top, width)
-        probs = torch.exp(logits - lse[..., None])
         mass.scatter_add_(-1, bins, probs.double())
-        count.scatter_add_(-1, bins, (logits > -math.inf).to(count.dtype))
+        # Masked keys (logit -inf) land in the last bin, which never holds the 90% crossing.
+        count.scatter_add_(-1, bins, one.expand_as(bins))
+        if not kept_bins:
+            kept_bins.append(bins)
+        else:
+            kept_bins.append(torch.empty(0))
     cum_mass = mass.cumsum(-1)
     crossing = (cum_mass < target[..., None]).sum(-1).clamp(max=_BINS - 1)
     before = (crossing - 1).clamp(min=0)[..., None]
@@ -273,8 +284,10 @@ def _select(
         needed = torch.ceil((target - mass_above) / per_key.clamp(min=1e-300) * (1 - 1e-9))
         return (count_above + needed.clamp(min=1).minimum(bin_count.clamp(min=1))).float()
     inside: torch.Tensor | None = None
-    for logits in chunks():
-        picked = torch.where(_bin_of(logits, top, width) == crossing[..., None], logits, -math.inf)
+    one_pass = len(kept_bins) == 1
+    for logits, _ in chunks():
+        bins = kept_bins[0] if one_pass else _bin_of(logits, top, width)
+        picked = torch.where(bins == crossing[..., None], logits, -math.inf)
         merged = picked if inside is None else torch.cat([inside, picked], dim=-1)
         inside = merged.topk(min(max(widest, 1), merged.shape[-1]), dim=-1).values
     if inside is None:

@@ -1,0 +1,206 @@
+"""Publisher memory through a broker outage under load, against a real Kafka broker.
+
+Usage:
+    python benchmarks/collector_publisher_outage.py                       # 30 s outage (CI size)
+    python benchmarks/collector_publisher_outage.py --outage-seconds 600  # the 10-minute version
+
+Starts a broker of its own (headwatch.localstack: the real Apache Kafka jars), publishes 32 x 32
+messages at `--rate` per second from a load thread, SIGKILLs the broker, keeps publishing for
+`--outage-seconds`, restarts it and waits for publishing to resume. Python heap growth over the
+pre-outage baseline (tracemalloc) is compared with the publisher's cap, queue bytes plus producer
+buffer bytes; the slowest publish() call is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import report  # noqa: E402
+
+
+def synthetic_messages(count: int) -> list[Any]:
+    """Return `count` distinct 32 x 32 messages with plausible statistics."""
+    import uuid
+
+    import numpy as np
+
+    from collector.schema import HeadStatsMessage, MessageHeader, core_stat_names
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        header = MessageHeader(
+            message_id=uuid.uuid4().hex, model_name="bench", config_hash="0123456789abcdef",
+            timestamp_seconds=time.time(), phase="prefill", context_tokens=4096, query_position=4095,
+            sink_tokens=4, recent_tokens=256, num_layers=32, num_query_heads=32, num_kv_heads=8,
+            head_dim=128, kv_dtype_bytes=2, sample_rate=0.01, visible_keys=(4096,) * 32,
+            stat_names=core_stat_names(),
+        )  # fmt: skip
+        shape = (32, 32)
+        sink = rng.uniform(0, 0.6, shape)
+        recent = rng.uniform(0, 0.4, shape)
+        stats = {
+            "entropy_nats": rng.uniform(0.5, 8, shape), "sink_mass": sink, "recent_mass": recent,
+            "top1_mass": rng.uniform(0, 0.3, shape), "top16_mass": rng.uniform(0.3, 0.6, shape),
+            "top256_mass": rng.uniform(0.6, 1, shape), "keys_for_90pct": rng.integers(1, 4096, shape).astype(float),
+            "eviction_error": rng.uniform(0, 0.5, shape),
+        }  # fmt: skip
+        out.append(HeadStatsMessage.build(header, stats))
+    return out
+
+
+class Broker:
+    """A broker of this benchmark alone on a fixed port; restarts reuse its storage."""
+
+    def __init__(self, run_dir: Path) -> None:
+        from headwatch.localstack.paths import find_paths
+        from headwatch.localstack.ports import choose_port
+        from headwatch.localstack.settings import StackSettings
+
+        self.run_dir = run_dir
+        port = choose_port(0, strict=False, taken=set())
+        self.settings = StackSettings(
+            kafka_port=port, kafka_controller_port=choose_port(0, strict=False, taken={port}), strict_ports=True
+        )
+        self.paths = find_paths(self.settings.cache_dir)
+        self.process: Any = None
+        self.started_once = False
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.settings.kafka_port}"
+
+    def start(self) -> None:
+        from headwatch.localstack.kafka import BROKER_CLASS, broker_answers, java_command, start_kafka
+        from headwatch.localstack.kafka_fetch import fetch_kafka
+        from headwatch.localstack.process import spawn
+        from headwatch.localstack.readiness import wait_ready
+        from headwatch.localstack.tools import require_java
+
+        if not self.started_once:
+            broker = start_kafka(fetch_kafka(self.paths), require_java(), self.paths, self.run_dir, self.settings, die_with_parent=True)
+            self.process, self.started_once = broker.process, True
+            return
+        kafka_dir = self.run_dir / "kafka"
+        argv = java_command(
+            require_java(), fetch_kafka(self.paths), self.paths.deploy_dir / "log4j2.properties",
+            self.settings.kafka_heap, BROKER_CLASS, str(kafka_dir / "server.properties"),
+        )  # fmt: skip
+        self.process = spawn("kafka", argv, kafka_dir / "kafka.log", cwd=kafka_dir, die_with_parent=True)
+        wait_ready(self.process, lambda: broker_answers(self.bootstrap), self.settings.start_timeout_seconds)
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process.popen is not None:
+            self.process.popen.wait(30)
+
+    def stop(self) -> None:
+        from headwatch.localstack.process import stop
+
+        if self.process is not None:
+            stop(self.process, 20)
+
+
+def wait_for(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--outage-seconds", type=float, default=30.0)
+    parser.add_argument("--rate", type=float, default=200.0, help="messages published per second")
+    parser.add_argument("--queue-bytes", type=int, default=16 << 20)
+    parser.add_argument("--producer-bytes", type=int, default=4 << 20)
+    parser.add_argument("--save", action="store_true")
+    args = parser.parse_args(argv)
+
+    from collector.metrics import CollectorMetrics
+    from collector.publish import KafkaSink
+    from collector.settings import KafkaSettings
+
+    pool = synthetic_messages(64)
+    broker = Broker(Path(tempfile.mkdtemp(prefix="headwatch-outage-")))
+    broker.start()
+    metrics = CollectorMetrics()
+    settings = KafkaSettings(
+        bootstrap_servers=broker.bootstrap, queue_max_bytes=args.queue_bytes, queue_max_messages=100_000,
+        producer_buffer_bytes=args.producer_bytes, request_timeout_seconds=5.0, reconnect_backoff_seconds=0.5,
+    )  # fmt: skip
+    sink = KafkaSink(settings, metrics)
+    stop = threading.Event()
+    slowest = [0.0]
+
+    def load() -> None:
+        i = 0
+        while not stop.is_set():
+            started = time.perf_counter()
+            sink.publish(pool[i % len(pool)])
+            slowest[0] = max(slowest[0], time.perf_counter() - started)
+            i += 1
+            stop.wait(1.0 / args.rate)
+
+    def published() -> float:
+        return metrics.value("headwatch_collector_published_total", model_name="bench")
+
+    tracemalloc.start()
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: published() > 100, 60)
+        baseline = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        broker.kill()
+        killed_at = time.monotonic()
+        peak_queue = 0
+        while time.monotonic() - killed_at < args.outage_seconds:
+            peak_queue = max(peak_queue, sink.queued[1])
+            time.sleep(0.5)
+        peak = tracemalloc.get_traced_memory()[1] - baseline
+        at_restart = published()
+        broker.start()
+        resumed = wait_for(lambda: published() > at_restart + 100, 120)
+    finally:
+        stop.set()
+        thread.join(5)
+        sink.close()
+        broker.stop()
+        tracemalloc.stop()
+    cap = args.queue_bytes + args.producer_bytes
+    dropped = {
+        r: metrics.value("headwatch_collector_dropped_total", model_name="bench", reason=r)
+        for r in ("queue_full", "broker_unavailable", "closed")
+    }
+    result = {
+        "outage_seconds": args.outage_seconds,
+        "publish_rate_per_second": args.rate,
+        "cap_bytes": cap,
+        "peak_heap_growth_bytes": peak,
+        "peak_queue_bytes": peak_queue,
+        "memory_over_cap_ratio": round(peak / cap, 3),
+        "slowest_publish_seconds": round(slowest[0], 5),
+        "published": published(),
+        "dropped": dropped,
+        "resumed": resumed,
+    }
+    return report("collector_publisher_outage", result, args.save)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
