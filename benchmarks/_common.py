@@ -15,7 +15,15 @@ BOUNDS = HERE / "bounds.json"
 RESULTS = HERE / "results"
 
 
-def llama(hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int = 256, positions: int = 131072) -> Any:
+def llama(
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    vocab: int = 256,
+    positions: int = 131072,
+) -> Any:
     """Return a random-weight Llama in eval mode (fp32, CPU, sdpa)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -59,7 +67,13 @@ def report(name: str, result: dict[str, Any], save: bool) -> int:
         value = result[metric]
         if (kind == "max" and value > limit) or (kind == "min" and value < limit):
             failures.append(f"{metric}={value} outside {kind} {limit}")
-    result = {"benchmark": name, "device": device_description(), **result, "bounds": bounds, "failures": failures}
+    result = {
+        "benchmark": name,
+        "device": device_description(),
+        **result,
+        "bounds": bounds,
+        "failures": failures,
+    }
     text = json.dumps(result, indent=2)
     print(text)
     if save:

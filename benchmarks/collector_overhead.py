@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import llama, report  # noqa: E402
+from _common import llama, report
 
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "no_hook": None,
@@ -60,7 +60,9 @@ def hook_cost(model: Any, ids: Any, layers: int) -> dict[str, float]:
     with attach(model, sink=MemorySink(), sample_rate=1.0, min_context_tokens=10**9) as handle:
         c = handle.collector
         kwargs = {"input_ids": ids}
-        hooks = per_call(lambda: (c.before_pass(model, (), kwargs), c.after_pass(model, (), kwargs, None)), 5000)
+        hooks = per_call(
+            lambda: (c.before_pass(model, (), kwargs), c.after_pass(model, (), kwargs, None)), 5000
+        )
     plain = torch.nn.Identity()
     hooked = torch.nn.Identity()
     hooked.register_forward_pre_hook(lambda m, a, k: None, with_kwargs=True)
@@ -97,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         model(ids)
         for _ in range(args.repeats):
             for name, overrides in VARIANTS.items():
-                handle = None if overrides is None else attach(model, sink=sink, seed=len(times[name]), **overrides)
+                handle = (
+                    None
+                    if overrides is None
+                    else attach(model, sink=sink, seed=len(times[name]), **overrides)
+                )
                 started = time.perf_counter()
                 model(ids)
                 times[name].append(time.perf_counter() - started)

@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import report  # noqa: E402
+from _common import report
 
 
 def synthetic_messages(count: int) -> list[Any]:
@@ -72,7 +72,9 @@ class Broker:
         self.run_dir = run_dir
         port = choose_port(0, strict=False, taken=set())
         self.settings = StackSettings(
-            kafka_port=port, kafka_controller_port=choose_port(0, strict=False, taken={port}), strict_ports=True
+            kafka_port=port,
+            kafka_controller_port=choose_port(0, strict=False, taken={port}),
+            strict_ports=True,
         )
         self.paths = find_paths(self.settings.cache_dir)
         self.process: Any = None
@@ -83,14 +85,26 @@ class Broker:
         return f"127.0.0.1:{self.settings.kafka_port}"
 
     def start(self) -> None:
-        from headwatch.localstack.kafka import BROKER_CLASS, broker_answers, java_command, start_kafka
+        from headwatch.localstack.kafka import (
+            BROKER_CLASS,
+            broker_answers,
+            java_command,
+            start_kafka,
+        )
         from headwatch.localstack.kafka_fetch import fetch_kafka
         from headwatch.localstack.process import spawn
         from headwatch.localstack.readiness import wait_ready
         from headwatch.localstack.tools import require_java
 
         if not self.started_once:
-            broker = start_kafka(fetch_kafka(self.paths), require_java(), self.paths, self.run_dir, self.settings, die_with_parent=True)
+            broker = start_kafka(
+                fetch_kafka(self.paths),
+                require_java(),
+                self.paths,
+                self.run_dir,
+                self.settings,
+                die_with_parent=True,
+            )
             self.process, self.started_once = broker.process, True
             return
         kafka_dir = self.run_dir / "kafka"
@@ -98,8 +112,14 @@ class Broker:
             require_java(), fetch_kafka(self.paths), self.paths.deploy_dir / "log4j2.properties",
             self.settings.kafka_heap, BROKER_CLASS, str(kafka_dir / "server.properties"),
         )  # fmt: skip
-        self.process = spawn("kafka", argv, kafka_dir / "kafka.log", cwd=kafka_dir, die_with_parent=True)
-        wait_ready(self.process, lambda: broker_answers(self.bootstrap), self.settings.start_timeout_seconds)
+        self.process = spawn(
+            "kafka", argv, kafka_dir / "kafka.log", cwd=kafka_dir, die_with_parent=True
+        )
+        wait_ready(
+            self.process,
+            lambda: broker_answers(self.bootstrap),
+            self.settings.start_timeout_seconds,
+        )
 
     def kill(self) -> None:
         os.killpg(self.process.pid, signal.SIGKILL)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import llama, report  # noqa: E402
+from _common import llama, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
                 cache.update(torch.randn(1, 2, context, 32), torch.randn(1, 2, context, 32), layer)
             token, position = torch.tensor([[5]]), torch.tensor([[context]])
 
-            def step(cache: DynamicCache = cache, token: torch.Tensor = token, position: torch.Tensor = position) -> float:
+            def step(
+                cache: DynamicCache = cache,
+                token: torch.Tensor = token,
+                position: torch.Tensor = position,
+            ) -> float:
                 started = time.perf_counter()
                 model(token, cache=cache, position_ids=position, use_cache=True)
                 elapsed = time.perf_counter() - started
@@ -67,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
                 with attach(model, sink=sink, metrics=metrics, sample_rate=1.0, min_context_tokens=0,
                             max_sampled_passes_per_second=1e6):  # fmt: skip
                     measured.append(step())
-                stats.append(metrics.value("headwatch_collector_stats_seconds_sum", model_name="llama"))
+                stats.append(
+                    metrics.value("headwatch_collector_stats_seconds_sum", model_name="llama")
+                )
             plain, measured, stats = plain[1:], measured[1:], stats[1:]  # first run warms up
             if not (sink.messages and sink.messages[-1].valid.all()):
                 raise RuntimeError("the measured row produced no valid message")
@@ -83,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(r["ratio"] for r in rows.values())
     return report(
         "collector_sampled_row",
-        {"model": f"llama {args.layers} layers, 8 query / 2 KV heads, head_dim 32, fp32, DynamicCache", "contexts": rows, "ratio": worst},
+        {
+            "model": f"llama {args.layers} layers, 8 query / 2 KV heads, head_dim 32, fp32, DynamicCache",
+            "contexts": rows,
+            "ratio": worst,
+        },
         args.save,
     )
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import report  # noqa: E402
+from _common import report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,10 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+    from collector_publisher_outage import synthetic_messages
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from collector import MemorySink, attach
-    from collector_publisher_outage import synthetic_messages
 
     config = LlamaConfig(
         vocab_size=64, hidden_size=128, intermediate_size=64, num_hidden_layers=32, num_attention_heads=32,

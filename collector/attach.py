@@ -46,7 +46,7 @@ def build_sink(settings: CollectorSettings, metrics: CollectorMetrics) -> Sink:
 
 def model_identity(model: nn.Module, settings: CollectorSettings) -> Identity:
     """Return the model and server identity carried by every message."""
-    config = model.config
+    config: Any = model.config
     name = (
         settings.model_name
         or str(getattr(config, "_name_or_path", "") or "")

@@ -43,7 +43,7 @@ class _Finder(importlib.abc.MetaPathFinder):
                 loader = spec.loader
                 original_exec = loader.exec_module
 
-                def exec_module(module: ModuleType) -> None:
+                def exec_module(module: ModuleType, original_exec: Any = original_exec) -> None:
                     original_exec(module)
                     patch_transformers(module)
 
@@ -84,7 +84,9 @@ def attach_loaded(model: Any) -> None:
 
     try:
         shared = _shared()
-        handle = attach(model, sink=shared["sink"], metrics=shared["metrics"], settings=shared["settings"])
+        handle = attach(
+            model, sink=shared["sink"], metrics=shared["metrics"], settings=shared["settings"]
+        )
     except CollectorError as exc:
         logger.warning("headwatch collector not attached to %s: %s", type(model).__name__, exc)
         return
@@ -93,7 +95,11 @@ def attach_loaded(model: Any) -> None:
         return
     with _lock:
         _state.setdefault("handles", []).append(handle)
-    logger.info("headwatch collector attached to %s (model=%s)", type(model).__name__, handle.collector.identity.model_name)
+    logger.info(
+        "headwatch collector attached to %s (model=%s)",
+        type(model).__name__,
+        handle.collector.identity.model_name,
+    )
 
 
 def _shared() -> dict[str, Any]:
@@ -135,7 +141,9 @@ def chain_sitecustomize(own_file: str) -> None:
             continue
         candidate = os.path.join(entry, "sitecustomize.py")
         if os.path.isfile(candidate):
-            spec = importlib.util.spec_from_file_location("_headwatch_chained_sitecustomize", candidate)
+            spec = importlib.util.spec_from_file_location(
+                "_headwatch_chained_sitecustomize", candidate
+            )
             if spec is not None and spec.loader is not None:
                 spec.loader.exec_module(importlib.util.module_from_spec(spec))
             return

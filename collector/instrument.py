@@ -30,7 +30,11 @@ def child_environment(environ: dict[str, str]) -> dict[str, str]:
     """Return the environment with the bootstrap folder and this project first on PYTHONPATH."""
     env = dict(environ)
     project = str(Path(__file__).resolve().parents[1])
-    parts = [str(BOOTSTRAP), project, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    parts = [
+        str(BOOTSTRAP),
+        project,
+        *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p],
+    ]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
     return env
 

@@ -140,17 +140,17 @@ def _keep_rows(
         recent = recent[(recent >= 0) & (recent < keys)]
         per_row.append((np.concatenate([sink, recent]), sink.size))
     width = max(1, max(idx.size for idx, _ in per_row))
-    index = np.zeros((len(per_row), width), dtype=np.int64)
-    is_sink = np.zeros((len(per_row), width), dtype=bool)
-    valid = np.zeros((len(per_row), width), dtype=bool)
+    index_np = np.zeros((len(per_row), width), dtype=np.int64)
+    is_sink_np = np.zeros((len(per_row), width), dtype=bool)
+    valid_np = np.zeros((len(per_row), width), dtype=bool)
     for i, (idx, n_sink) in enumerate(per_row):
-        index[i, : idx.size] = idx
-        is_sink[i, :n_sink] = True
-        valid[i, : idx.size] = True
+        index_np[i, : idx.size] = idx
+        is_sink_np[i, :n_sink] = True
+        valid_np[i, : idx.size] = True
     result = (
-        torch.from_numpy(index).to(device),
-        torch.from_numpy(is_sink).to(device),
-        torch.from_numpy(valid).to(device),
+        torch.from_numpy(index_np).to(device),
+        torch.from_numpy(is_sink_np).to(device),
+        torch.from_numpy(valid_np).to(device),
     )
     plan._keep_cache[(keys, 0, str(device))] = result
     return result

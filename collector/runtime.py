@@ -26,7 +26,7 @@ from torch import nn
 from collector.assemble import Identity, Layout, assemble
 from collector.hook import cache_length, output_cache, pass_inputs
 from collector.metrics import CollectorMetrics
-from collector.plan import PassPlan, layer_inputs, plan_rows
+from collector.plan import PassPlan, Phase, layer_inputs, plan_rows
 from collector.sampling import RequestState, Sampler
 from collector.schema import HeadStatsMessage
 from collector.stats import StatsSpec, row_statistics
@@ -130,6 +130,7 @@ class PassCollector:
             state = self._requests.get(cache) if cache is not None else None
         past = cache_length(cache) if cache is not None else 0
         total = past + query_len
+        phase: Phase = "prefill"
         if state is None or past == 0:
             state = self.sampler.new_request(batch)
             if cache is not None:
@@ -138,13 +139,11 @@ class PassCollector:
             else:
                 self._local.pending = state
             measured = self.sampler.prefill_rows(state, total)
-            phase = "prefill"
         elif query_len == 1:
             measured = self.sampler.decode_step(state, total)
             phase = "decode"
         else:
             measured = self.sampler.prefill_rows(state, total)
-            phase = "prefill"
         if not measured:
             return None
         # A measured pass: reading the padding mask from the device is allowed here.
@@ -155,12 +154,12 @@ class PassCollector:
             rows = mask[chosen].to("cpu", torch.int8).numpy()[:, -total:]
         plans = plan_rows(
             rows, chosen, query_len, phase, self.layout.sink_tokens, self.layout.recent_tokens
-        )  # type: ignore[arg-type]
+        )
         keep = self.sampler.long_enough([p.query_position + 1 for p in plans])
         plans = [p for p, ok in zip(plans, keep, strict=True) if ok]
         if not plans:
             return None
-        return PassPlan(phase=phase, total_slots=total, query_len=query_len, rows=plans)  # type: ignore[arg-type]
+        return PassPlan(phase=phase, total_slots=total, query_len=query_len, rows=plans)
 
     # Called by the attention wrapper after the kernel ran.
     def observe(

@@ -119,7 +119,9 @@ def row_statistics(
         # log of each weight; masked keys (-inf) are clamped so that 0 * log 0 counts as 0.
         log_weights = (logits - safe_max[..., None]).clamp_(min=-1e30)
         weights = torch.exp(log_weights)
-        sum_xlogx = rescale * (sum_xlogx + shift * sum_exp) + torch.linalg.vecdot(weights, log_weights)
+        sum_xlogx = rescale * (sum_xlogx + shift * sum_exp) + torch.linalg.vecdot(
+            weights, log_weights
+        )
         sum_exp = rescale * sum_exp + weights.sum(-1)
         value = _gather_keys(rows.value, rows.batch_index, start, stop).float()
         out = rescale[..., None] * out + torch.matmul(weights, value)
@@ -150,7 +152,15 @@ def row_statistics(
     key_mass = 1.0 - sink_atom / total
     target = spec.mass_target * key_mass
     keys_needed = _keys_for_target(
-        rows, scaling, softcap, spec, cum_top, target, lse, running_max, (last_logits, last_weights / total[..., None])
+        rows,
+        scaling,
+        softcap,
+        spec,
+        cum_top,
+        target,
+        lse,
+        running_max,
+        (last_logits, last_weights / total[..., None]),
     )
     result["keys_for_90pct"] = keys_needed
 
@@ -225,7 +235,9 @@ def _keys_for_target(
             yield cached
             return
         for start in range(0, total_keys, spec.chunk_keys):
-            logits = _logits(rows, start, min(start + spec.chunk_keys, total_keys), scaling, softcap)
+            logits = _logits(
+                rows, start, min(start + spec.chunk_keys, total_keys), scaling, softcap
+            )
             yield logits, torch.exp(logits - lse[..., None])
 
     refined = _select(chunks, target, lse, high, solved)

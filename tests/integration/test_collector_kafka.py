@@ -17,7 +17,13 @@ from collector.metrics import CollectorMetrics
 from collector.publish import KafkaSink
 from collector.schema import HeadStatsMessage
 from collector.settings import KafkaSettings
-from headwatch.localstack.kafka import BROKER_CLASS, KafkaBroker, broker_answers, java_command, start_kafka
+from headwatch.localstack.kafka import (
+    BROKER_CLASS,
+    KafkaBroker,
+    broker_answers,
+    java_command,
+    start_kafka,
+)
 from headwatch.localstack.kafka_fetch import fetch_kafka
 from headwatch.localstack.paths import StackPaths
 from headwatch.localstack.ports import choose_port
@@ -63,8 +69,14 @@ class OwnBroker:
             require_java(), fetch_kafka(self.paths), self.paths.deploy_dir / "log4j2.properties",
             self.settings.kafka_heap, BROKER_CLASS, str(kafka_dir / "server.properties"),
         )  # fmt: skip
-        self.process = spawn("kafka", argv, kafka_dir / "kafka.log", cwd=kafka_dir, die_with_parent=True)
-        wait_ready(self.process, lambda: broker_answers(self.bootstrap), self.settings.start_timeout_seconds)
+        self.process = spawn(
+            "kafka", argv, kafka_dir / "kafka.log", cwd=kafka_dir, die_with_parent=True
+        )
+        wait_ready(
+            self.process,
+            lambda: broker_answers(self.bootstrap),
+            self.settings.start_timeout_seconds,
+        )
 
     def kill(self) -> None:
         """SIGKILL the broker's process group: no clean shutdown, as in a crash."""
@@ -142,11 +154,15 @@ def test_broker_absent_killed_and_restarted(own_broker: OwnBroker) -> None:
         # Broker killed mid-run.
         own_broker.kill()
         at_kill, drops_at_kill = published(), dropped()
-        wait_until(lambda: dropped() > drops_at_kill + 50, 60, message="drops while the broker is dead")
+        wait_until(
+            lambda: dropped() > drops_at_kill + 50, 60, message="drops while the broker is dead"
+        )
         assert sink.queued[1] <= settings.queue_max_bytes
         assert sink.in_flight_bytes <= settings.producer_buffer_bytes + 64 * 1024
         own_broker.start()
-        wait_until(lambda: published() > at_kill + 50, 120, message="publishing resumed after restart")
+        wait_until(
+            lambda: published() > at_kill + 50, 120, message="publishing resumed after restart"
+        )
     assert load.slowest < 0.05, f"publish() blocked for {load.slowest:.3f}s"
     started = time.perf_counter()
     sink.close()

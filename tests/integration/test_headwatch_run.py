@@ -48,7 +48,11 @@ def fixture_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
     tok.train_from_iterator(PROMPTS * 10, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
     )
     fast.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
     fast.save_pretrained(out)
@@ -88,11 +92,17 @@ def fixture_serve(model_dir: Path, tmp_path: Path) -> Iterator[Callable[[dict[st
         ]  # fmt: skip
         log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
         process = subprocess.Popen(
-            command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         started.append(process)
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: healthy(url), 120, message="transformers serve health", ignore=(OSError,))
+        wait_until(
+            lambda: healthy(url), 120, message="transformers serve health", ignore=(OSError,)
+        )
         return url
 
     try:
@@ -109,10 +119,16 @@ def fixture_serve(model_dir: Path, tmp_path: Path) -> Iterator[Callable[[dict[st
 
 def ask(url: str, model_dir: Path) -> list[int]:
     """Send one completion and one chat request; return their prompt token counts."""
-    first = post(f"{url}/v1/completions", {"model": str(model_dir), "prompt": PROMPTS[0], "max_tokens": 4})
+    first = post(
+        f"{url}/v1/completions", {"model": str(model_dir), "prompt": PROMPTS[0], "max_tokens": 4}
+    )
     second = post(
         f"{url}/v1/chat/completions",
-        {"model": str(model_dir), "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 4},
+        {
+            "model": str(model_dir),
+            "messages": [{"role": "user", "content": PROMPTS[1]}],
+            "max_tokens": 4,
+        },
     )
     return [first["usage"]["prompt_tokens"], second["usage"]["prompt_tokens"]]
 
@@ -133,7 +149,9 @@ COMMON_ENV = {
 }
 
 
-def test_messages_arrive_in_a_json_lines_file(serve: Callable[[dict[str, str]], str], model_dir: Path, tmp_path: Path) -> None:
+def test_messages_arrive_in_a_json_lines_file(
+    serve: Callable[[dict[str, str]], str], model_dir: Path, tmp_path: Path
+) -> None:
     path = tmp_path / "stats.jsonl"
     metrics_port = free_port()
     url = serve({
@@ -141,7 +159,9 @@ def test_messages_arrive_in_a_json_lines_file(serve: Callable[[dict[str, str]], 
         "HEADWATCH_COLLECTOR_METRICS_PORT": str(metrics_port),
     })  # fmt: skip
     prompt_tokens = ask(url, model_dir)
-    messages = wait_until(lambda: path.exists() and len(read_jsonl(path)) >= 2 and read_jsonl(path), 30)
+    messages = wait_until(
+        lambda: path.exists() and len(read_jsonl(path)) >= 2 and read_jsonl(path), 30
+    )
     check(messages, prompt_tokens, model_dir)
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
         text = response.read().decode()

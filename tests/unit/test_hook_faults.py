@@ -22,7 +22,9 @@ CONFIG = dict(
 
 def llama(implementation: str = "sdpa") -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM._from_config(LlamaConfig(**CONFIG), attn_implementation=implementation).eval()
+    return LlamaForCausalLM._from_config(
+        LlamaConfig(**CONFIG), attn_implementation=implementation
+    ).eval()
 
 
 @pytest.mark.parametrize(
@@ -30,7 +32,10 @@ def llama(implementation: str = "sdpa") -> LlamaForCausalLM:
     [
         ({"sample_rate": 1.5}, "sample_rate: expected a value less than or equal to 1, got 1.5"),
         ({"sample_rate": 0.0}, "sample_rate: expected a value greater than 0, got 0.0"),
-        ({"recent_tokens": -1}, "recent_tokens: expected a value greater than or equal to 0, got -1"),
+        (
+            {"recent_tokens": -1},
+            "recent_tokens: expected a value greater than or equal to 0, got -1",
+        ),
         ({"sink_tokens": -4}, "sink_tokens: expected a value greater than or equal to 0, got -4"),
         ({"stats": ("entropy_nats", "median_mass")}, "got 'median_mass'"),
         ({"layers": (0, 7)}, "layers: expected indices below 2, got (0, 7)"),
@@ -49,7 +54,9 @@ def test_unsupported_attention_implementation_is_named() -> None:
 
 
 def test_encoder_decoder_is_rejected() -> None:
-    model = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_ff=16, d_kv=4, num_layers=1, num_heads=2))
+    model = T5ForConditionalGeneration(
+        T5Config(vocab_size=32, d_model=16, d_ff=16, d_kv=4, num_layers=1, num_heads=2)
+    )
     with pytest.raises(UnsupportedModelError, match="T5ForConditionalGeneration"):
         attach(model, sink=MemorySink())
 
@@ -86,7 +93,9 @@ def test_failures_are_counted_logged_and_disable_the_hook(
             assert torch.equal(model(ids).logits, expected)
         assert handle.errors == 3
         assert not handle.enabled
-        assert handle.metrics.value("headwatch_collector_hook_errors_total", model_name="llama") == 3
+        assert (
+            handle.metrics.value("headwatch_collector_hook_errors_total", model_name="llama") == 3
+        )
         assert handle.metrics.value("headwatch_collector_hook_enabled", model_name="llama") == 0
     assert sink.messages == []
     tracebacks = [r for r in caplog.records if r.exc_info]
@@ -121,7 +130,9 @@ def test_non_finite_values_are_flagged() -> None:
 def test_unsampled_passes_do_no_tensor_work(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     original = collector.runtime.row_statistics
-    monkeypatch.setattr(collector.runtime, "row_statistics", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(
+        collector.runtime, "row_statistics", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
     model = llama()
     sink = MemorySink()
     with torch.no_grad(), attach(model, sink=sink, sample_rate=1.0, min_context_tokens=1000):

@@ -45,20 +45,30 @@ MODELS: dict[str, tuple[PretrainedConfig, str]] = {
     "mistral": (MistralConfig(**LLAMA_LIKE, sliding_window=16, **COMMON), "sdpa"),
     "gemma2": (
         Gemma2Config(
-            **LLAMA_LIKE, head_dim=16, sliding_window=16, attn_logit_softcapping=3.0,
-            query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"], **COMMON,
+            **LLAMA_LIKE,
+            head_dim=16,
+            sliding_window=16,
+            attn_logit_softcapping=3.0,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention"],
+            **COMMON,
         ),
         "eager",
-    ),  # fmt: skip
+    ),
     "phi3": (Phi3Config(**LLAMA_LIKE, **COMMON), "sdpa"),
     "gpt2": (GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **COMMON), "sdpa"),
     "gpt_neox": (
         GPTNeoXConfig(
-            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=128, rotary_pct=0.5, **COMMON,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            rotary_pct=0.5,
+            **COMMON,
         ),
         "sdpa",
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -85,7 +95,9 @@ def capture(model: torch.nn.Module) -> Iterator[list[Call]]:
     saved = {mod: mod.eager_attention_forward for mod in modules}
 
     def make(original: Any) -> Any:
-        def recording(module: Any, query: Any, key: Any, value: Any, mask: Any, **kwargs: Any) -> Any:
+        def recording(
+            module: Any, query: Any, key: Any, value: Any, mask: Any, **kwargs: Any
+        ) -> Any:
             out, weights = original(module, query, key, value, mask, **kwargs)
             calls.append(Call(weights.double().numpy(), value.double().numpy()))
             return out, weights
@@ -121,7 +133,9 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, step
         )  # fmt: skip
 
 
-def reference(call: Call, b: int, slots_mask: np.ndarray, layer_sink: bool = True) -> dict[str, np.ndarray]:
+def reference(
+    call: Call, b: int, slots_mask: np.ndarray, layer_sink: bool = True
+) -> dict[str, np.ndarray]:
     """Statistics of the last query row of batch entry b, from eager probabilities and values."""
     p = call.probs[b, :, -1, :]  # (heads, keys)
     keys = p.shape[-1]
@@ -158,9 +172,19 @@ def check(message: HeadStatsMessage, calls: list[Call], b: int, slots_mask: np.n
     for layer, call in enumerate(calls):
         ref = reference(call, b, slots_mask)
         assert message.visible_keys[layer] == int((call.probs[b, 0, -1] > 0).sum())
-        for name in ("entropy_nats", "sink_mass", "recent_mass", "middle_mass", *(f"top{k}_mass" for k in TOP_K)):
-            np.testing.assert_allclose(message.stat(name)[layer], ref[name], atol=1e-5, rtol=0, err_msg=name)
-        np.testing.assert_allclose(message.stat("eviction_error")[layer], ref["eviction_error"], atol=1e-4, rtol=0)
+        for name in (
+            "entropy_nats",
+            "sink_mass",
+            "recent_mass",
+            "middle_mass",
+            *(f"top{k}_mass" for k in TOP_K),
+        ):
+            np.testing.assert_allclose(
+                message.stat(name)[layer], ref[name], atol=1e-5, rtol=0, err_msg=name
+            )
+        np.testing.assert_allclose(
+            message.stat("eviction_error")[layer], ref["eviction_error"], atol=1e-4, rtol=0
+        )
         counts = message.stat("keys_for_90pct")[layer].astype(int)
         cum = ref["cum"]
         for h, c in enumerate(counts):
@@ -170,7 +194,9 @@ def check(message: HeadStatsMessage, calls: list[Call], b: int, slots_mask: np.n
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("lengths", [(40,), (40, 31)], ids=["single", "left_padded"])
-def test_prefill_and_decode_rows_match_eager_probabilities(name: str, lengths: tuple[int, ...]) -> None:
+def test_prefill_and_decode_rows_match_eager_probabilities(
+    name: str, lengths: tuple[int, ...]
+) -> None:
     steps = 3
     ids, mask = inputs(lengths)
     eager = build(name, "eager")
@@ -200,7 +226,9 @@ def test_logits_are_bitwise_identical_with_the_hook(name: str) -> None:
     model = build(name, MODELS[name][1])
     plain = generate(model, ids, mask, 2)
     for rate in (1.0, 0.01):
-        with attach(model, sink=MemorySink(), sample_rate=rate, min_context_tokens=0, decode_every=1, seed=3):
+        with attach(
+            model, sink=MemorySink(), sample_rate=rate, min_context_tokens=0, decode_every=1, seed=3
+        ):
             hooked = generate(model, ids, mask, 2)
         for a, b in zip(plain.logits, hooked.logits, strict=True):
             assert torch.equal(a, b)

@@ -53,13 +53,18 @@ def test_kafka_sink_drops_and_counts_when_the_queue_is_full(unreachable: KafkaSe
         sink.publish(message(seed=i))
     elapsed = time.perf_counter() - started
     assert sink.queued[0] <= 5
-    assert metrics.value("headwatch_collector_dropped_total", model_name="m", reason="queue_full") >= 45
+    assert (
+        metrics.value("headwatch_collector_dropped_total", model_name="m", reason="queue_full")
+        >= 45
+    )
     assert elapsed < 0.5  # publish never waits for the broker
     sink.close()
 
 
 def test_kafka_sink_bounds_queue_bytes(unreachable: KafkaSettings) -> None:
-    settings = unreachable.model_copy(update={"queue_max_messages": 10_000, "queue_max_bytes": 100_000})
+    settings = unreachable.model_copy(
+        update={"queue_max_messages": 10_000, "queue_max_bytes": 100_000}
+    )
     metrics = CollectorMetrics()
     sink = KafkaSink(settings, metrics)
     for i in range(200):

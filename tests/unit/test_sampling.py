@@ -37,7 +37,13 @@ def test_short_prompts_are_not_measured() -> None:
 
 
 def test_decode_every_k_th_step_up_to_the_cap() -> None:
-    s = sampler(sample_rate=1.0, min_context_tokens=0, decode_every=2, max_decode_samples=3, max_passes_per_second=100.0)
+    s = sampler(
+        sample_rate=1.0,
+        min_context_tokens=0,
+        decode_every=2,
+        max_decode_samples=3,
+        max_passes_per_second=100.0,
+    )
     state = s.new_request(1)
     measured = [s.decode_step(state, 50 + i) for i in range(1, 11)]
     assert measured == [False, True, False, True, False, True, False, False, False, False]

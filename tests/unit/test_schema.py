@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from collector.schema import HeadStatsMessage, MessageHeader, SchemaError, core_stat_names, json_schema
+from collector.schema import (
+    HeadStatsMessage,
+    MessageHeader,
+    SchemaError,
+    core_stat_names,
+    json_schema,
+)
 
 SCHEMA_FILE = Path(__file__).resolve().parents[2] / "collector" / "head_stats.schema.json"
 

@@ -21,15 +21,27 @@ def make_rows(
     value = torch.randn(2, kv_heads, keys, d, generator=generator)
     bias = torch.zeros(1, keys)
     bias[0, :masked_prefix] = -math.inf
-    keep = torch.cat([torch.arange(masked_prefix, masked_prefix + 4), torch.arange(keys - 8, keys)])[None]
+    keep = torch.cat(
+        [torch.arange(masked_prefix, masked_prefix + 4), torch.arange(keys - 8, keys)]
+    )[None]
     is_sink = torch.zeros_like(keep, dtype=torch.bool)
     is_sink[0, :4] = True
     return RowInputs(
-        query, key, value, torch.tensor([1]), bias, keep, is_sink, torch.ones_like(keep, dtype=torch.bool), sinks
+        query,
+        key,
+        value,
+        torch.tensor([1]),
+        bias,
+        keep,
+        is_sink,
+        torch.ones_like(keep, dtype=torch.bool),
+        sinks,
     )
 
 
-def direct(rows: RowInputs, scaling: float, softcap: float | None = None) -> dict[str, torch.Tensor]:
+def direct(
+    rows: RowInputs, scaling: float, softcap: float | None = None
+) -> dict[str, torch.Tensor]:
     """Float64 reference: materialise every probability."""
     kv_heads, group = rows.query.shape[1:3]
     q = rows.query[0].double()
@@ -67,7 +79,9 @@ def direct(rows: RowInputs, scaling: float, softcap: float | None = None) -> dic
 def assert_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     for name, expected in want.items():
         tolerance = 1e-4 if name == "eviction_error" else 1e-5
-        torch.testing.assert_close(got[name][0].double(), expected, atol=tolerance, rtol=0, msg=name)
+        torch.testing.assert_close(
+            got[name][0].double(), expected, atol=tolerance, rtol=0, msg=name
+        )
 
 
 @pytest.mark.parametrize("chunk_keys", [97, 512, 65536])
@@ -91,7 +105,9 @@ def test_equal_logits_need_ninety_percent_of_the_keys() -> None:
     rows = make_rows(1000, 0.0)
     got = row_statistics(rows, 0.25, StatsSpec())
     assert got["keys_for_90pct"][0].tolist() == [900.0] * 6
-    torch.testing.assert_close(got["entropy_nats"][0], torch.full((6,), math.log(1000)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        got["entropy_nats"][0], torch.full((6,), math.log(1000)), atol=1e-5, rtol=0
+    )
 
 
 def test_soft_capping_is_applied_before_the_mask() -> None:
