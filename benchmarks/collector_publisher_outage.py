@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from collector.metrics import CollectorMetrics
     from collector.publish import KafkaSink
+    from collector.schema import HeadStatsMessage
     from collector.settings import KafkaSettings
 
     pool = synthetic_messages(64)
@@ -170,8 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     def load() -> None:
         i = 0
         while not stop.is_set():
+            # A fresh message each time (new arrays), as the collector produces them.
+            template = pool[i % len(pool)]
+            fresh = HeadStatsMessage.build(
+                template.header, {n: template.stat(n) for n in template.header.stat_names}
+            )
             started = time.perf_counter()
-            sink.publish(pool[i % len(pool)])
+            sink.publish(fresh)
             slowest[0] = max(slowest[0], time.perf_counter() - started)
             i += 1
             stop.wait(1.0 / args.rate)

@@ -1,0 +1,77 @@
+"""On CUDA: no host-device synchronisation on unsampled passes; GPU statistics equal the CPU ones."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from collector import MemorySink, attach
+
+pytestmark = pytest.mark.gpu
+
+
+def model() -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+
+
+def count_syncs(run: Callable[[], None]) -> int:
+    """Return how many host-device synchronisations torch reports while `run()` executes."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_unsampled_passes_add_no_synchronisation() -> None:
+    """The model itself may synchronise (mask checks); the hook must not add a single one."""
+    gpu = model().cuda()
+    ids = torch.randint(0, 64, (2, 64), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :10] = 0
+
+    def passes() -> None:
+        with torch.no_grad():
+            out = gpu(ids, attention_mask=mask, use_cache=True)
+            step = torch.ones(2, 1, dtype=ids.dtype, device="cuda")
+            gpu(step, attention_mask=torch.cat([mask, torch.ones_like(step)], 1), cache=out.cache)
+
+    passes()  # warm-up
+    plain = count_syncs(passes)
+    with attach(gpu, sink=MemorySink(), sample_rate=1.0, min_context_tokens=10**9, decode_every=1):
+        hooked = count_syncs(passes)
+    assert hooked == plain
+
+
+def test_gpu_statistics_equal_cpu_statistics() -> None:
+    ids = torch.randint(0, 64, (1, 200))
+    results = []
+    for device in ("cpu", "cuda"):
+        m = model().to(device)
+        sink = MemorySink()
+        with torch.no_grad(), attach(m, sink=sink, sample_rate=1.0, min_context_tokens=0):
+            m(ids.to(device))
+        results.append(sink.messages[0])
+    cpu, gpu = results
+    for name in cpu.header.stat_names:
+        tolerance = 1e-4 if name == "eviction_error" else 2e-5
+        if name == "keys_for_90pct":
+            tolerance = 1.0
+        np.testing.assert_allclose(
+            gpu.stat(name), cpu.stat(name), atol=tolerance, rtol=0, err_msg=name
+        )
