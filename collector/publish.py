@@ -28,6 +28,8 @@ __all__ = ["FileSink", "KafkaSink", "MemorySink", "Sink", "read_jsonl"]
 
 logger = logging.getLogger(__name__)
 
+_PRODUCER_COPIES = 2
+
 
 class KafkaSink:
     """Publishes messages to Kafka off the forward thread; drops and counts instead of blocking.
@@ -142,17 +144,20 @@ class KafkaSink:
         if len(data) > MAX_MESSAGE_BYTES:
             self.metrics.drop(name, "too_large")
             return
+        # kafka-python keeps the value and a copy in its record batch until the send settles.
+        charge = _PRODUCER_COPIES * len(data)
         with self._cond:
-            self._in_flight_bytes += len(data)
+            self._in_flight_bytes += charge
         try:
             future = self._producer.send(
                 self.settings.topic, key=message.header.model_key.encode(), value=data
             )
         except Exception as exc:
-            self._settle(len(data), name, ok=False, exc=exc)
+            self._settle(charge, name, ok=False, exc=exc)
             return
-        future.add_callback(lambda _meta: self._settle(len(data), name, ok=True))
-        future.add_errback(lambda exc: self._settle(len(data), name, ok=False, exc=exc))
+        del data, message  # the callbacks hold only the size
+        future.add_callback(lambda _meta: self._settle(charge, name, ok=True))
+        future.add_errback(lambda exc: self._settle(charge, name, ok=False, exc=exc))
 
     def _settle(self, size: int, name: str, ok: bool, exc: BaseException | None = None) -> None:
         with self._cond:

@@ -138,3 +138,30 @@ def test_unsampled_passes_do_no_tensor_work(monkeypatch: pytest.MonkeyPatch) -> 
     with torch.no_grad(), attach(model, sink=sink, sample_rate=1.0, min_context_tokens=1000):
         model(torch.randint(0, 64, (1, 16)))
     assert calls == [] and sink.messages == []
+
+
+def test_a_layer_without_visible_keys_is_flagged_and_left_unmeasured() -> None:
+    import math
+
+    import numpy as np
+
+    from collector.assemble import Identity, Layout, assemble
+    from collector.plan import PassPlan, plan_rows
+    from collector.schema import core_stat_names
+
+    rows = plan_rows(np.ones((1, 8), dtype=np.int8), [0], 8, "prefill", 4, 2)
+    plan = PassPlan(phase="prefill", total_slots=8, query_len=8, rows=rows)
+    plan.layout.update(kv_heads=1, head_dim=4, kv_dtype_bytes=4)
+    good = {n: torch.full((1, 2), 0.25) for n in core_stat_names()}
+    good["keys_for_90pct"] = torch.full((1, 2), 3.0)
+    plan.results[0] = {**good, "visible_keys": torch.tensor([8])}
+    plan.results[1] = {
+        **{n: torch.full((1, 2), math.nan) for n in core_stat_names()},
+        "visible_keys": torch.tensor([0]),
+    }
+    (message,) = assemble(
+        plan, Identity("m", "", "0" * 16, "s"), Layout(2, 4, 2, (1, 16, 256), 1.0)
+    )
+    assert "fully_masked" in message.flags
+    assert message.valid[0].all() and not message.valid[1].any()
+    assert message.visible_keys == (8, 0)
