@@ -232,36 +232,66 @@ class ConsumerService:
                 replay_until = self._replay_until.get(tp)
                 if replay_until is None:
                     continue  # revoked while the batch was in flight
-                for record in records:
-                    replay = record.offset < replay_until
-                    self._fold_one(tp, record, replay, now)
-                    if not replay:
-                        self._pending[tp] = record.offset + 1
+                replay = [r.offset < replay_until for r in records]
+                try:
+                    outcomes = self.aggregator.fold_records(
+                        [r.value for r in records],
+                        partition=tp.partition,
+                        replay=replay,
+                        now_wall=now,
+                    )
+                except Exception:  # a bug must not stop the pipeline: fall back to one by one
+                    logger.exception(
+                        "batch fold failed at %s[%d]; folding one by one", tp.topic, tp.partition
+                    )
+                    outcomes = [
+                        self._fold_alone(tp, r, rp, now)
+                        for r, rp in zip(records, replay, strict=True)
+                    ]
+                for record, is_replay, (outcome, key) in zip(
+                    records, replay, outcomes, strict=True
+                ):
+                    self._account(tp, record, is_replay, outcome, key, now)
             for ref in self.aggregator.take_new_references():
                 if self._store is not None:
                     self._store.publish(ref)
                 logger.info("new drift reference for %s (%d rows)", ref.model_key, ref.samples)
 
-    def _fold_one(self, tp: TopicPartition, record: Any, replay: bool, now: float) -> None:
-        if not replay:
-            self._counts["messages"] += 1
-            self._last_message_wall = now
+    def _fold_alone(
+        self, tp: TopicPartition, record: Any, replay: bool, now: float
+    ) -> tuple[Fold | SchemaError, str | None]:
         try:
-            result, model_key = self.aggregator.fold_bytes(
+            return self.aggregator.fold_bytes(
                 record.value, partition=tp.partition, replay=replay, now_wall=now
             )
         except SchemaError as exc:
-            self._poison(tp, record, exc.reason, exc.detail, replay)
-            return
-        except Exception as exc:  # a bug must not stop the pipeline: count, dead-letter, go on
+            return exc, None
+        except Exception as exc:
             logger.exception(
                 "unexpected error folding %s[%d]@%d", tp.topic, tp.partition, record.offset
             )
-            self._poison(tp, record, "validation", f"internal error: {type(exc).__name__}", replay)
+            return SchemaError("validation", f"internal error: {type(exc).__name__}"), None
+
+    def _account(
+        self,
+        tp: TopicPartition,
+        record: Any,
+        replay: bool,
+        outcome: Fold | SchemaError,
+        key: str | None,
+        now: float,
+    ) -> None:
+        if not replay:
+            self._counts["messages"] += 1
+            self._last_message_wall = now
+            self._pending[tp] = record.offset + 1
+        if isinstance(outcome, SchemaError):
+            self._poison(tp, record, outcome.reason, outcome.detail, replay)
             return
-        if result is Fold.DUPLICATE and not replay:
+        if outcome is Fold.DUPLICATE and not replay:
             self._counts["duplicates"] += 1
-        self._touched.add(model_key)
+        if key is not None:
+            self._touched.add(key)
 
     def _poison(
         self, tp: TopicPartition, record: Any, reason: str, detail: str, replay: bool

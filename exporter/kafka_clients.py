@@ -99,6 +99,7 @@ def make_group_consumer(k: KafkaSettings) -> KafkaConsumer:
             heartbeat_interval_ms=k.heartbeat_interval_ms,
             max_poll_interval_ms=k.max_poll_interval_ms,
             fetch_max_wait_ms=k.fetch_max_wait_ms,
+            max_partition_fetch_bytes=k.max_partition_fetch_bytes,
             check_crcs=k.check_crcs,
         ),
     )

@@ -80,38 +80,65 @@ def _arrays(msg: HeadStatsMessage) -> tuple[dict[str, np.ndarray], np.ndarray]:
 
 def to_sample(msg: HeadStatsMessage, thresholds: PatternThresholds) -> Sample:
     """Return the window sample of a message: fixed-point channels, labels and bins per head."""
-    raw, valid = _arrays(msg)
-    header = msg.header
-    inv_log_keys, visible = _per_layer(header.visible_keys)
-    h, s, r = raw["entropy_nats"], raw["sink_mass"], raw["recent_mass"]
-    hn = h * inv_log_keys
+    return to_samples([msg], thresholds)[0]
+
+
+def to_samples(msgs: list[HeadStatsMessage], thresholds: PatternThresholds) -> list[Sample]:
+    """Return the window samples of messages with one layout, computed as one batch.
+
+    At 32 x 32 heads every numpy call costs more in overhead than in arithmetic, so the per-head
+    maths of a poll batch runs once on (messages, layers, heads) arrays.
+    """
+    out: list[Sample] = []
+    start = 0
+    while start < len(msgs):  # one run per top-k set (they are the same for one identity)
+        top_k = msgs[start].header.top_k
+        end = start + 1
+        while end < len(msgs) and msgs[end].header.top_k == top_k:
+            end += 1
+        out.extend(_batch(msgs[start:end], thresholds))
+        start = end
+    return out
+
+
+def _batch(msgs: list[HeadStatsMessage], thresholds: PatternThresholds) -> list[Sample]:
+    arrays = [_arrays(m) for m in msgs]
+    headers = [m.header for m in msgs]
+    per_layer = [_per_layer(h.visible_keys) for h in headers]
+
+    def stacked(name: str) -> np.ndarray:
+        return np.stack([raw[name] for raw, _ in arrays])
+
+    valid = np.stack([v for _, v in arrays])
+    h, s, r = stacked("entropy_nats"), stacked("sink_mass"), stacked("recent_mass")
+    hn = h * np.stack([inv for inv, _ in per_layer])
     m = 1.0 - s
     m -= r
     np.clip(m, 0.0, 1.0, out=m)
-    tops = {k: raw[top_k_stat(k)] for k in header.top_k}
+    tops = {k: stacked(top_k_stat(k)) for k in headers[0].top_k}
     pattern = classify(PatternInputs(h, hn, s, r, m, tops), thresholds)
     # Back to the wire's integer codes; NaN (heads not measured) become 0 and are masked by `valid`.
-    codes = np.stack([h, hn, s, r, m, raw["eviction_error"]])
-    codes *= _INV_QUANTA
+    codes = np.stack([h, hn, s, r, m, stacked("eviction_error")])
+    codes *= _INV_QUANTA[:, None]
     np.rint(codes, out=codes)
     if not valid.all():
         np.copyto(codes, 0.0, where=~valid)
-    ints = codes[:5].astype(np.uint32)
+    ints = codes[:5].astype(np.uint32).transpose(1, 0, 2, 3)
+    shape = (int(h.shape[1]), int(h.shape[2]))
     cells = count_cells(
-        h.shape,
-        pattern,
-        eviction_bin_of_codes(codes[5]),
-        entropy_bin_of_codes(ints[1]),
-        valid,
+        shape, pattern, eviction_bin_of_codes(codes[5]), entropy_bin_of_codes(ints[:, 1]), valid
     )
-    return Sample(
-        message_id=header.message_id,
-        timestamp_seconds=header.timestamp_seconds,
-        ints=ints,
-        cells=cells,
-        valid=valid,
-        visible_keys=visible,
-    )
+    return [
+        Sample(
+            message_id=header.message_id,
+            timestamp_seconds=header.timestamp_seconds,
+            ints=ints[i],
+            cells=cells[i],
+            valid=valid[i],
+            visible_keys=per_layer[i][1],
+        )
+        for i, header in enumerate(headers)
+    ]
 
 
 def _layout(header: MessageHeader) -> tuple[int, int, int, int, int]:

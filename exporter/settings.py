@@ -52,6 +52,8 @@ class KafkaSettings(_Section):
     request_timeout_ms: Positive = 30_000
     metadata_max_age_ms: Positive = 300_000
     fetch_max_wait_ms: Positive = 500
+    # A 32 x 32 message is 10-16 KB: kafka-python's 1 MiB default would fetch 64 at a time.
+    max_partition_fetch_bytes: Positive = 8 << 20
     # Partitions of the reference topic when the exporter creates it (compacted).
     reference_partitions: Positive = 1
     # Seconds to reach the broker at start-up before exiting non-zero.

@@ -93,16 +93,17 @@ def count_cells(
     entropy: np.ndarray,
     valid: np.ndarray,
 ) -> np.ndarray:
-    """Return the flat indices (3, layers, heads) of a sample's columns in a counts array.
+    """Return the flat indices (batch, 3, layers, heads) of samples' columns in a counts array.
 
-    Heads not measured point at each block's "not measured" column.
+    Inputs are (batch, layers, heads). Heads not measured point at each block's "not measured"
+    column.
     """
-    cells = np.empty((3, *shape), dtype=np.int64)
-    cells[0] = pattern
-    cells[1] = eviction
-    cells[2] = entropy
+    cells = np.empty((valid.shape[0], 3, *shape), dtype=np.int64)
+    cells[:, 0] = pattern
+    cells[:, 1] = eviction
+    cells[:, 2] = entropy
     if not valid.all():
-        np.copyto(cells, _SENTINELS, where=~valid)
+        np.copyto(cells, _SENTINELS, where=~valid[:, None])
     cells += _cell_base(shape)
     return cells
 

@@ -18,11 +18,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from collector.schema import HeadStatsMessage
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.partitioner.default import murmur2
 from prometheus_client.parser import text_string_to_metric_families
 
+from collector.schema import HeadStatsMessage
 from tests.helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]

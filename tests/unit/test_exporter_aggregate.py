@@ -127,3 +127,37 @@ def test_revoked_partitions_drop_their_models() -> None:
     agg.fold(_factory(model_name="other").message(), partition=1, replay=False, now_wall=0)
     assert agg.drop_partitions({3}) == ["tiny-llama@0123456789abcdef"]
     assert [s.model_name for s in agg.snapshot()] == ["other"]
+
+
+def test_batch_fold_equals_folding_one_by_one() -> None:
+    factories = [
+        _factory(),
+        MessageFactory(layers=2, heads=4, kv_heads=2, model_name="other", seed=8),
+    ]
+    values = [
+        f.message(timestamp_seconds=float(i)).to_bytes() for i in range(150) for f in factories
+    ]
+    values[10] = values[3]  # a redelivery inside the batch
+    values[20] = b"garbage"
+    one, batch = Aggregator(POLICY), Aggregator(POLICY)
+    singles = []
+    for v in values:
+        try:
+            singles.append(one.fold_bytes(v, partition=0, replay=False, now_wall=0)[0])
+        except SchemaError as exc:
+            singles.append(exc.reason)
+    outcomes = []
+    for start in range(0, len(values), 64):
+        chunk = values[start : start + 64]
+        for outcome, _ in batch.fold_records(
+            chunk, partition=0, replay=[False] * len(chunk), now_wall=0
+        ):
+            outcomes.append(outcome.reason if isinstance(outcome, SchemaError) else outcome)
+    assert outcomes == singles
+    one.publish_counters()
+    batch.publish_counters()
+    for a, b in zip(one.snapshot(), batch.snapshot(), strict=True):
+        assert a.model_key == b.model_key and a.messages_total == b.messages_total
+        assert np.array_equal(a.means, b.means, equal_nan=True)
+        assert np.array_equal(a.pattern, b.pattern) and np.array_equal(a.kv_safe, b.kv_safe)
+        assert np.array_equal(a.drift_p_value, b.drift_p_value)

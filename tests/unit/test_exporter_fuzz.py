@@ -139,3 +139,23 @@ def test_each_kind_of_poison_gets_its_reason(case: str) -> None:
 
 def test_the_valid_message_folds() -> None:
     assert _fold(Aggregator(AggregatePolicy()), VALID[0]) == "folded"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(VALID),
+            st.binary(max_size=512),
+            st.sampled_from(list(CASES.values())[:-1]),
+        ),
+        max_size=20,
+    )
+)
+def test_batches_of_mixed_records_never_crash(values: list[bytes]) -> None:
+    outcomes = Aggregator(AggregatePolicy()).fold_records(
+        values, partition=0, replay=[False] * len(values), now_wall=0.0
+    )
+    assert len(outcomes) == len(values)
+    for outcome, _ in outcomes:
+        assert isinstance(outcome, Fold) or outcome.reason in INVALID_REASONS

@@ -1,0 +1,126 @@
+"""Messages per second one exporter process consumes, decodes, validates and aggregates.
+
+Usage:
+    python benchmarks/exporter_throughput.py [--bootstrap HOST:PORT] [--messages 12000] [--save]
+
+32 layers x 32 heads messages (4 models keyed by identity over 4 partitions) are produced to a
+fresh topic first (not timed); then the exporter's own ConsumerService (what `headwatch exporter
+serve` runs) consumes them with a fresh group, committing as it goes. Reported from one run:
+messages/s and head-updates/s end to end from the real broker, the decode and fold time per
+message measured offline on the same messages (so the share of each is visible), and the
+process RSS once the windows are full vs at the end (state is O(models x heads x window), so it
+must not grow with the messages consumed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+
+from _exporter_common import (
+    broker,
+    create_topic,
+    produce_raw,
+    report,
+    rss_mib,
+    run_service,
+    service_settings,
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bootstrap", help="a running broker (default: start one)")
+    parser.add_argument("--messages", type=int, default=12000)
+    parser.add_argument(
+        "--save", action="store_true", help="write benchmarks/results/exporter_throughput.json"
+    )
+    args = parser.parse_args()
+    from collector.schema import HeadStatsMessage
+    from exporter.aggregate import Aggregator
+    from exporter.model_state import AggregatePolicy
+    from tests.factories import MessageFactory, pattern_probs
+
+    models = [
+        MessageFactory(
+            layers=32,
+            heads=32,
+            kv_heads=8,
+            model_name=f"bench-{i}",
+            seed=i,
+            probs=pattern_probs(32, 32, [1, 4, 1, 1, 1, 1, 1]),
+        )  # fmt: skip
+        for i in range(4)
+    ]
+    now = time.time()
+    messages = [
+        models[i % 4].message(timestamp_seconds=now - 60 + i * 1e-3) for i in range(args.messages)
+    ]
+    raw = [m.to_bytes() for m in messages]
+    records = [
+        (m.model_key.encode(), b, int(m.timestamp_seconds * 1000))
+        for m, b in zip(messages, raw, strict=True)
+    ]
+
+    # Offline split of the per-message cost, on the same bytes.
+    sample = raw[:2000]
+    started = time.perf_counter()
+    decoded = [HeadStatsMessage.from_bytes(b) for b in sample]
+    decode_ms = (time.perf_counter() - started) / len(sample) * 1000
+    agg = Aggregator(AggregatePolicy())
+    started = time.perf_counter()
+    for start in range(0, len(sample), 250):  # the consumer's poll batches
+        chunk = sample[start : start + 250]
+        agg.fold_records(chunk, partition=0, replay=[False] * len(chunk), now_wall=0.0)
+    fold_ms = (time.perf_counter() - started) / len(sample) * 1000 - decode_ms
+    del decoded, agg
+
+    with broker(args.bootstrap) as bootstrap:
+        topic = f"bench-throughput-{uuid.uuid4().hex[:8]}"
+        create_topic(bootstrap, topic, 4)
+        produce_seconds = produce_raw(bootstrap, topic, records)
+        del records, raw, messages
+        service, stop, thread = run_service(
+            service_settings(bootstrap, topic, f"bench-{uuid.uuid4().hex[:8]}")
+        )
+        try:
+            first_at = rss_full = None
+            while True:
+                consumed = service._visible.messages_total
+                if first_at is None and consumed > 0:
+                    first_at, first_count = time.perf_counter(), consumed
+                if rss_full is None and consumed >= args.messages // 4:
+                    rss_full = rss_mib()  # every window (4 x 512 samples) is full by now
+                if consumed >= args.messages:
+                    elapsed = time.perf_counter() - first_at  # type: ignore[operator]
+                    break
+                if not thread.is_alive():
+                    raise SystemExit("the consumer stopped")
+                time.sleep(0.01)
+            rss_end = rss_mib()
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+    rate = (args.messages - first_count) / elapsed
+    result = {
+        "layers": 32,
+        "heads": 32,
+        "message_bytes": len(sample[0]),
+        "messages": args.messages,
+        "produce_seconds": round(produce_seconds, 1),
+        "messages_per_second": round(rate),
+        "head_updates_per_second": round(rate * 1024),
+        "decode_ms_per_message": round(decode_ms, 3),
+        "fold_ms_per_message": round(fold_ms, 3),
+        "decode_share_of_end_to_end": round(decode_ms / (1000 / rate), 2),
+        "offline_messages_per_second": round(1000 / (decode_ms + fold_ms)),
+        "rss_mib_windows_full": round(rss_full or 0, 1),
+        "rss_mib_end": round(rss_end, 1),
+        "rss_growth_mib": round(rss_end - (rss_full or rss_end), 1),
+    }
+    return report("exporter_throughput", result, args.save)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
