@@ -266,6 +266,10 @@ def test_drift_in_served_traffic_reaches_the_webhook_and_every_query_answers(
         assert alert["labels"]["severity"] == config.alerts.drift.severity
         assert model_name in alert["annotations"]["summary"]
         assert alert["annotations"]["runbook_url"].endswith("#headwatchpatterndrift")
+        changed = f"headwatch_model_heads_pattern_changed{{{m}}}"
+        assert query_values(prom.url, changed) == [float(len(SWAP))]
+        # Nothing else is wrong, so no other rule is pending or firing: alerts stay quiet.
+        assert {r["metric"]["alertname"] for r in prom.query("ALERTS")} == {"HeadwatchPatternDrift"}
 
         # The drift panels and the alert annotations now have data; everything still evaluates.
         def shows_drift(q: Query) -> bool:
