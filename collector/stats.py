@@ -160,7 +160,7 @@ def row_statistics(
         target,
         lse,
         running_max,
-        (last_logits, last_weights / total[..., None]),
+        (last_logits, last_weights, total),
     )
     result["keys_for_90pct"] = keys_needed
 
@@ -212,12 +212,12 @@ def _keys_for_target(
     target: torch.Tensor,
     lse: torch.Tensor,
     high: torch.Tensor,
-    cached: tuple[torch.Tensor, torch.Tensor],
+    cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
     """Return the smallest number of keys (largest first) whose mass reaches `target`, as float.
 
-    `cached` holds the logits and probabilities of the last chunk of pass 1 (all of them when one
-    chunk covers the row, which saves recomputing them).
+    `cached` holds the logits, unnormalised weights and their total from pass 1 (the whole row when
+    one chunk covers it, which saves recomputing them).
     """
     if cum_top.shape[-1] == 0:
         return torch.full_like(target, math.nan)
@@ -232,7 +232,8 @@ def _keys_for_target(
 
     def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if one_chunk:
-            yield cached
+            logits, weights, total = cached
+            yield logits, weights / total[..., None]
             return
         for start in range(0, total_keys, spec.chunk_keys):
             logits = _logits(
