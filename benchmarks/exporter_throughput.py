@@ -50,7 +50,7 @@ def main() -> int:
             model_name=f"bench-{i}",
             seed=i,
             probs=pattern_probs(32, 32, [1, 4, 1, 1, 1, 1, 1]),
-        )  # fmt: skip
+        )
         for i in range(4)
     ]
     now = time.time()

@@ -77,6 +77,8 @@ class ConsumerService:
         self._listener = _Listener()
         self._replay_until: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int | None] = {}
+        # Offset after the last record folded (or rejected) per partition: never fold one twice.
+        self._next: dict[TopicPartition, int] = {}
         self._rebuild_started: float | None = None
         self._pending: dict[TopicPartition, int] = {}
         self._counts: Counter[str] = Counter()
@@ -133,11 +135,16 @@ class ConsumerService:
                 for tp in lost:
                     self._replay_until.pop(tp, None)
                     self._committed.pop(tp, None)
+                    self._next.pop(tp, None)
                     self._pending.pop(tp, None)
                     self._lag.pop((tp.topic, tp.partition), None)
             logger.info(
                 "partitions %s gone; dropped %d models", sorted(map(str, lost)), len(dropped)
             )
+        for tp in bounced - moved:
+            # Kept through the rebalance: carry on after what was folded. The consumer resets
+            # positions to the committed offset, which would fold uncommitted records twice.
+            consumer.seek(tp, self._next[tp])
         new = current - set(self._replay_until)
         if new:
             self._assign(new)
@@ -168,6 +175,7 @@ class ConsumerService:
             consumer.seek(tp, start)
             self._replay_until[tp] = done if done is not None else start
             self._committed[tp] = done
+            self._next[tp] = start
             logger.info(
                 "assigned %s[%d]: replaying %d..%d (committed %s)",
                 tp.topic, tp.partition, start, self._replay_until[tp], done,
@@ -232,6 +240,10 @@ class ConsumerService:
                 replay_until = self._replay_until.get(tp)
                 if replay_until is None:
                     continue  # revoked while the batch was in flight
+                records = [r for r in records if r.offset >= self._next[tp]]
+                if not records:
+                    continue
+                self._next[tp] = records[-1].offset + 1
                 replay = [r.offset < replay_until for r in records]
                 try:
                     outcomes = self.aggregator.fold_records(

@@ -55,7 +55,7 @@ def test_two_replicas_union_equals_one_replica(
             model_name=name,
             seed=i,
             probs=pattern_probs(3, 8, mixes[i % len(mixes)]),
-        )  # fmt: skip
+        )
         for i, name in enumerate(names)
     ]
     t0 = time.time()
