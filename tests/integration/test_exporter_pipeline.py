@@ -143,3 +143,61 @@ def test_poison_messages_are_counted_dead_lettered_and_skipped(
             assert {r.value for r in records} == set(poison.values())
     finally:
         delete_side_topics(kafka_bootstrap, topic)
+
+
+def test_reference_survives_restart_and_rebaseline_replaces_it(
+    kafka_bootstrap: str, fresh_topic: Callable[..., str], consumer_group: str, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    topic = fresh_topic(partitions=1)
+    factory = MessageFactory(
+        layers=2, heads=4, kv_heads=2, probs=pattern_probs(2, 4, "v_shaped"), seed=21
+    )
+    t0 = time.time() - 100
+    try:
+        replica = ExporterProcess(kafka_bootstrap, topic, consumer_group, tmp_path)
+        with exporters(replica):
+            replica.wait_healthy(partitions=1)
+            produce(
+                kafka_bootstrap,
+                topic,
+                [factory.message(timestamp_seconds=t0 + i * 0.01) for i in range(80)],
+            )
+            replica.wait_messages(80)
+            assert replica.value("headwatch_model_reference_samples", model_name="tiny-llama") == 64
+        # a new group replays only the horizon, yet the reference comes back from the compacted topic
+        again = ExporterProcess(kafka_bootstrap, topic, unique_name("group", "again"), tmp_path,
+                                HEADWATCH_EXPORTER_WINDOW__HORIZON_SECONDS="30")  # fmt: skip
+        with exporters(again):
+            again.wait_healthy(partitions=1)
+            produce(
+                kafka_bootstrap,
+                topic,
+                [factory.message(timestamp_seconds=time.time() + i * 0.01) for i in range(5)],
+            )
+            again.wait_messages(5)
+            assert again.value("headwatch_model_reference_samples", model_name="tiny-llama") == 64
+            assert again.value("headwatch_model_window_samples", model_name="tiny-llama") == 5
+            done = subprocess.run(
+                [sys.executable, "-m", "exporter", "rebaseline", "--model", "tiny-llama"],
+                env=again.env, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr[-2000:]
+            wait_until(lambda: again.value("headwatch_model_reference_samples", model_name="tiny-llama") == 0,
+                       30, 0.2, "the reference to be dropped")  # fmt: skip
+            produce(
+                kafka_bootstrap,
+                topic,
+                [factory.message(timestamp_seconds=time.time() + 1 + i * 0.01) for i in range(64)],
+            )
+            wait_until(lambda: again.value("headwatch_model_reference_samples", model_name="tiny-llama") == 64,
+                       60, 0.2, "a new reference from the rows after the request")  # fmt: skip
+        unknown = subprocess.run(
+            [sys.executable, "-m", "exporter", "rebaseline", "--model", "no-such-model"],
+            env=again.env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert unknown.returncode == 1 and "no-such-model" in unknown.stderr
+    finally:
+        delete_side_topics(kafka_bootstrap, topic)
