@@ -51,7 +51,7 @@ from tests.integration.conftest_e2e import (
 )
 from tests.integration.conftest_exporter import ExporterProcess, delete_side_topics, exporters
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
 
 # Small exporter windows so the test runs in seconds of traffic: a reference of 64 sampled
 # requests, drift tests every 32, a head drifted after 2 failing tests in a row.
@@ -278,9 +278,9 @@ def test_drift_in_served_traffic_reaches_the_webhook_and_every_query_answers(
             return bool(metric_names(q.expr) & DRIFT_METRICS)
 
         empty_when_drifted = wait_all_answer(prom.url, queries, values, shows_drift, 30)
-        assert traffic.sent == total
-        assert metrics.value("headwatch_collector_dropped_total", model_name=model_name,
-                             reason="queue_full") == 0  # fmt: skip
+        # Every measured request reached Kafka: none dropped, whatever the reason.
+        published = "headwatch_collector_published_total"
+        assert metrics.value(published, model_name=model_name) == traffic.sent == total
         assert not empty_when_healthy + empty_when_drifted, (
             "queries without data on a healthy pipeline: "
             f"{empty_when_healthy}; while heads drift: {empty_when_drifted}"
