@@ -13,8 +13,9 @@ from __future__ import annotations
 import enum
 
 from collector.schema import HeadStatsMessage, SchemaError
-from exporter.model_state import AggregatePolicy, ModelState, to_sample, to_samples
+from exporter.model_state import AggregatePolicy, ModelState
 from exporter.reference import RebaselineRequest, Reference
+from exporter.samples import to_sample, to_samples
 from exporter.snapshot import ModelSnapshot
 
 

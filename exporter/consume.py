@@ -20,16 +20,18 @@ import time
 from collections import Counter
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from collector.schema import SchemaError
 from exporter.aggregate import Aggregator, Fold
+from exporter.deadletter import send_dead_letter
 from exporter.errors import BrokerUnavailableError
 from exporter.kafka_clients import FATAL_ERRORS, ensure_topics, make_group_consumer, make_producer
 from exporter.metrics import ExporterStats
 from exporter.model_state import AggregatePolicy
+from exporter.rebalance import RevocationRecorder, replay_starts
 from exporter.refstore import ReferenceStore
 from exporter.settings import KafkaSettings
 from exporter.snapshot import ModelSnapshot
@@ -39,28 +41,6 @@ logger = logging.getLogger(__name__)
 _LAG_EVERY_SECONDS = 5.0
 _EXPIRE_EVERY_SECONDS = 10.0
 _LOG_EVERY_SECONDS = 10.0
-
-
-class _Listener(ConsumerRebalanceListener):
-    """Records rebalance events; kafka-python 3 runs listeners on its IO thread, where blocking
-    calls (commit, offsets_for_times) are not allowed, so the work happens in the poll loop."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._revoked: set[TopicPartition] = set()
-
-    def on_partitions_revoked(self, revoked: Any) -> None:
-        with self._lock:
-            self._revoked |= set(revoked)
-
-    def on_partitions_assigned(self, assigned: Any) -> None:
-        return None
-
-    def take_revoked(self) -> set[TopicPartition]:
-        """Return and forget the partitions revoked since the last call."""
-        with self._lock:
-            out, self._revoked = self._revoked, set()
-        return out
 
 
 class ConsumerService:
@@ -74,7 +54,7 @@ class ConsumerService:
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
         self._store: ReferenceStore | None = None
-        self._listener = _Listener()
+        self._listener = RevocationRecorder()
         self._replay_until: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int | None] = {}
         # Offset after the last record folded (or rejected) per partition: never fold one twice.
@@ -158,27 +138,20 @@ class ConsumerService:
         """Seek each new partition back over the window horizon and mark what is replay."""
         consumer = self._require_consumer()
         self._rebuild_started = self._clock()
-        horizon_ms = int((self._clock() - self.aggregator.policy.horizon_seconds) * 1000)
         ordered = sorted(new)
-        by_time = consumer.offsets_for_times({tp: max(horizon_ms, 0) for tp in ordered})
-        ends = consumer.end_offsets(ordered)
-        # Every blocking call first: if the broker fails here, nothing has changed yet.
-        committed = {tp: consumer.committed(tp) for tp in ordered}
+        starts = replay_starts(
+            consumer, ordered, self._clock() - self.aggregator.policy.horizon_seconds
+        )
         with self._lock:
             self.aggregator.drop_partitions({tp.partition for tp in ordered})
-        for tp in ordered:
-            found = by_time.get(tp)
-            start = found.offset if found is not None else ends[tp]
-            done = committed[tp]
-            if done is not None:
-                start = min(start, done)
+        for tp, (start, committed) in starts.items():
             consumer.seek(tp, start)
-            self._replay_until[tp] = done if done is not None else start
-            self._committed[tp] = done
+            self._replay_until[tp] = committed if committed is not None else start
+            self._committed[tp] = committed
             self._next[tp] = start
             logger.info(
                 "assigned %s[%d]: replaying %d..%d (committed %s)",
-                tp.topic, tp.partition, start, self._replay_until[tp], done,
+                tp.topic, tp.partition, start, self._replay_until[tp], committed,
             )  # fmt: skip
 
     # --- main loop ---------------------------------------------------------------------------
@@ -317,15 +290,8 @@ class ConsumerService:
         )  # fmt: skip
         if self._producer is None:
             return
-        headers = [
-            ("headwatch-reason", reason.encode()),
-            ("headwatch-source", f"{tp.topic}[{tp.partition}]@{record.offset}".encode()),
-            ("headwatch-detail", detail[:500].encode("utf-8", "replace")),
-        ]
         try:
-            self._producer.send(
-                self._k.dead_letter_topic, value=record.value, key=record.key, headers=headers
-            )
+            send_dead_letter(self._producer, self._k.dead_letter_topic, tp, record, reason, detail)
             self._counts["dead_letters_pending"] += 1
         except KafkaError as exc:
             self._log_limited(

@@ -3,18 +3,19 @@
 Usage:
     state = ModelState(msg.header, policy, partition=0, reference=None, now_wall=time.time())
     state.fold(msg, to_sample(msg, policy.patterns), replay=False, now_wall=time.time())
+
+(to_sample lives in exporter.samples.)
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from collector.schema import HeadStatsMessage, MessageHeader, top_k_stat
+from collector.schema import HeadStatsMessage, MessageHeader
 from exporter.drift import DriftPolicy, DriftState, drift_step
-from exporter.patterns import PatternInputs, PatternThresholds, classify, dominant
+from exporter.patterns import PatternThresholds, dominant
 from exporter.reference import Reference
 from exporter.snapshot import CONTEXT_BUCKETS, ModelSnapshot
 from exporter.verdicts import (
@@ -24,17 +25,7 @@ from exporter.verdicts import (
     reclaimable_bytes,
     update_safe,
 )
-from exporter.window import (
-    ENTROPY_COLUMNS,
-    PATTERN_COLUMNS,
-    QUANTA,
-    CountWindow,
-    Sample,
-    count_cells,
-    entropy_bin_of_codes,
-    eviction_bin_of_codes,
-    new_counts,
-)
+from exporter.window import ENTROPY_COLUMNS, PATTERN_COLUMNS, CountWindow, Sample, new_counts
 
 
 @dataclass(frozen=True)
@@ -49,96 +40,6 @@ class AggregatePolicy:
     patterns: PatternThresholds = field(default_factory=PatternThresholds)
     verdicts: VerdictPolicy = field(default_factory=VerdictPolicy)
     drift: DriftPolicy = field(default_factory=DriftPolicy)
-
-
-# Quanta of the window channels plus the eviction error's (2**-13), as multipliers.
-_INV_QUANTA = (1 / np.append(QUANTA, 2.0**-13))[:, None, None]
-
-
-@functools.lru_cache(maxsize=256)
-def _per_layer(visible_keys: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Return (1 / ln(visible keys), 0 where <= 1 key) as (layers, 1) and the keys as int64."""
-    log_keys = np.log(np.maximum(np.asarray(visible_keys, dtype=np.float64), 1))
-    inv = np.divide(1.0, log_keys, out=np.zeros_like(log_keys), where=log_keys > 0)[:, None]
-    keys = np.asarray(visible_keys, dtype=np.int64)
-    inv.flags.writeable = keys.flags.writeable = False
-    return inv, keys
-
-
-def _arrays(msg: HeadStatsMessage) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Return the message's raw statistic arrays and validity mask.
-
-    Reads pydantic's private-attribute store directly when it is there: going through
-    `msg.stat()` costs a model `__getattr__` per access, a third of the fold time at 32 x 32.
-    The values are the same (`stat()` returns these arrays for the raw statistics).
-    """
-    private = getattr(msg, "__pydantic_private__", None)
-    if isinstance(private, dict) and "_stats" in private and "_valid" in private:
-        return private["_stats"], private["_valid"]
-    return {n: msg.stat(n) for n in msg.header.stat_names}, msg.valid
-
-
-def to_sample(msg: HeadStatsMessage, thresholds: PatternThresholds) -> Sample:
-    """Return the window sample of a message: fixed-point channels, labels and bins per head."""
-    return to_samples([msg], thresholds)[0]
-
-
-def to_samples(msgs: list[HeadStatsMessage], thresholds: PatternThresholds) -> list[Sample]:
-    """Return the window samples of messages with one layout, computed as one batch.
-
-    At 32 x 32 heads every numpy call costs more in overhead than in arithmetic, so the per-head
-    maths of a poll batch runs once on (messages, layers, heads) arrays.
-    """
-    out: list[Sample] = []
-    start = 0
-    while start < len(msgs):  # one run per top-k set (they are the same for one identity)
-        top_k = msgs[start].header.top_k
-        end = start + 1
-        while end < len(msgs) and msgs[end].header.top_k == top_k:
-            end += 1
-        out.extend(_batch(msgs[start:end], thresholds))
-        start = end
-    return out
-
-
-def _batch(msgs: list[HeadStatsMessage], thresholds: PatternThresholds) -> list[Sample]:
-    arrays = [_arrays(m) for m in msgs]
-    headers = [m.header for m in msgs]
-    per_layer = [_per_layer(h.visible_keys) for h in headers]
-
-    def stacked(name: str) -> np.ndarray:
-        return np.stack([raw[name] for raw, _ in arrays])
-
-    valid = np.stack([v for _, v in arrays])
-    h, s, r = stacked("entropy_nats"), stacked("sink_mass"), stacked("recent_mass")
-    hn = h * np.stack([inv for inv, _ in per_layer])
-    m = 1.0 - s
-    m -= r
-    np.clip(m, 0.0, 1.0, out=m)
-    tops = {k: stacked(top_k_stat(k)) for k in headers[0].top_k}
-    pattern = classify(PatternInputs(h, hn, s, r, m, tops), thresholds)
-    # Back to the wire's integer codes; NaN (heads not measured) become 0 and are masked by `valid`.
-    codes = np.stack([h, hn, s, r, m, stacked("eviction_error")])
-    codes *= _INV_QUANTA[:, None]
-    np.rint(codes, out=codes)
-    if not valid.all():
-        np.copyto(codes, 0.0, where=~valid)
-    ints = codes[:5].astype(np.uint32).transpose(1, 0, 2, 3)
-    shape = (int(h.shape[1]), int(h.shape[2]))
-    cells = count_cells(
-        shape, pattern, eviction_bin_of_codes(codes[5]), entropy_bin_of_codes(ints[:, 1]), valid
-    )
-    return [
-        Sample(
-            message_id=header.message_id,
-            timestamp_seconds=header.timestamp_seconds,
-            ints=ints[i],
-            cells=cells[i],
-            valid=valid[i],
-            visible_keys=per_layer[i][1],
-        )
-        for i, header in enumerate(headers)
-    ]
 
 
 def _layout(header: MessageHeader) -> tuple[int, int, int, int, int]:

@@ -46,7 +46,7 @@ def test_not_measured_heads_are_mixed() -> None:
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_factory_patterns_classify_as_themselves(pattern: str) -> None:
-    from exporter.model_state import to_sample
+    from exporter.samples import to_sample
     from exporter.window import CountWindow
 
     factory = MessageFactory(layers=3, heads=4, probs=pattern_probs(3, 4, pattern), seed=7)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter.model_state import to_sample
 from exporter.patterns import PatternThresholds
+from exporter.samples import to_sample
 from exporter.window import CountWindow, Sample
 from tests.factories import MessageFactory, pattern_probs
 
