@@ -12,7 +12,7 @@ exporter.verdicts), so the table a research run prints agrees with what a runnin
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -59,7 +59,6 @@ class HeadSummary:
     safe_query_heads: np.ndarray
     safe_kv_heads: np.ndarray
     verdict_source: str = "local"
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def group(self) -> int:

@@ -16,7 +16,13 @@ from headwatch.report.data import read_summary_json, write_summary_json
 from headwatch.report.errors import ReportError
 from headwatch.report.figures import heatmaps, pattern_rows, representative_heads
 from headwatch.report.html import INDEX, staged_report, write_index
-from headwatch.report.summary import ANALYSIS_POLICY, head_patterns, head_verdicts, summarize
+from headwatch.report.summary import (
+    ANALYSIS_POLICY,
+    HeadSummary,
+    head_patterns,
+    head_verdicts,
+    summarize,
+)
 from headwatch.report.table import layer_ranges, markdown_table, pattern_map_text, study_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -95,15 +101,15 @@ def make_message(layout: list[list[str]] = LAYOUT, kv_heads: int = 2) -> HeadSta
 
 
 @pytest.fixture(name="summary")
-def fixture_summary():  # type: ignore[no-untyped-def]
+def fixture_summary() -> HeadSummary:
     return summarize([make_message(), make_message()])
 
 
-def test_local_classifier_recovers_every_study_pattern(summary) -> None:  # type: ignore[no-untyped-def]
+def test_local_classifier_recovers_every_study_pattern(summary: HeadSummary) -> None:
     assert summary.patterns.tolist() == LAYOUT
 
 
-def test_verdicts_mark_kv_head_safe_only_when_all_its_query_heads_are(summary) -> None:  # type: ignore[no-untyped-def]
+def test_verdicts_mark_kv_head_safe_only_when_all_its_query_heads_are(summary: HeadSummary) -> None:
     # layer 1: KV head 0 = (sink, recency) safe; KV head 1 = (v_shaped, concentrated) not
     assert summary.safe_kv_heads[1].tolist() == [True, False]
     assert summary.safe_kv_heads[0].tolist() == [False, False]
@@ -122,7 +128,7 @@ def test_verdict_needs_every_sample_under_the_bound_when_samples_are_few() -> No
     assert safe_q.all()
 
 
-def test_study_table_has_one_row_per_pattern_with_shares(summary) -> None:  # type: ignore[no-untyped-def]
+def test_study_table_has_one_row_per_pattern_with_shares(summary: HeadSummary) -> None:
     rows = {r.pattern: r for r in study_rows(summary)}
     assert set(rows) == {p for row in LAYOUT for p in row}
     assert rows["uniform"].layers == "0" and rows["uniform"].share_of_heads == pytest.approx(4 / 12)
@@ -135,16 +141,18 @@ def test_layer_ranges_compresses_runs() -> None:
     assert layer_ranges([5, 0, 1, 2, 7, 8]) == "0-2, 5, 7-8"
 
 
-def test_pattern_map_marks_safe_heads(summary) -> None:  # type: ignore[no-untyped-def]
+def test_pattern_map_marks_safe_heads(summary: HeadSummary) -> None:
     line = pattern_map_text(summary).splitlines()[3]  # layer 1
     assert re.sub(r"\s+", " ", line).strip() == "1 | S* R* V C"
 
 
-def _rows_for(summary) -> dict[int, np.ndarray]:  # type: ignore[no-untyped-def]
+def _rows_for(summary: HeadSummary) -> dict[int, np.ndarray]:
     return {layer: np.stack([_row(k) for k in LAYOUT[layer]]) for layer in range(len(LAYOUT))}
 
 
-def test_report_folder_has_valid_pngs_referenced_by_html(summary, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_report_folder_has_valid_pngs_referenced_by_html(
+    summary: HeadSummary, tmp_path: Path
+) -> None:
     prompt = Prompt("needle-test", "needle", tuple(range(N)), needle_start=200, needle_end=203)
     final = tmp_path / "report"
     with staged_report(final) as folder:
@@ -167,7 +175,7 @@ def test_report_folder_has_valid_pngs_referenced_by_html(summary, tmp_path: Path
     assert "attention_concentrated_middle.png" in pngs
 
 
-def test_representative_head_is_the_clearest_of_its_pattern(summary) -> None:  # type: ignore[no-untyped-def]
+def test_representative_head_is_the_clearest_of_its_pattern(summary: HeadSummary) -> None:
     chosen = representative_heads(summary)
     assert chosen["sink"] == (1, 0) and chosen["concentrated_middle"] == (1, 3)
 
@@ -195,7 +203,7 @@ def test_existing_report_folder_is_refused(tmp_path: Path) -> None:
         pass
 
 
-def test_summary_json_round_trips(summary, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_summary_json_round_trips(summary: HeadSummary, tmp_path: Path) -> None:
     path = tmp_path / "heads.json"
     write_summary_json(summary, study_rows(summary), path)
     data = json.loads(path.read_text())

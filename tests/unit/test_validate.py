@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -140,7 +142,7 @@ def test_lowest_error_picks_the_heads_with_the_smallest_measured_error() -> None
         lowest_error(error, 4)
 
 
-def test_cli_writes_the_markdown_table(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_cli_writes_the_markdown_table(tmp_path: Path) -> None:
     from headwatch.policy import KvPolicy, write_policy
     from headwatch.prompts import synthetic_text
     from headwatch.training.tokenizer import save_tokenizer, train_tokenizer
