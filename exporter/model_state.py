@@ -36,7 +36,7 @@ class AggregatePolicy:
     horizon_seconds: float = 3600.0
     model_ttl_seconds: float = 900.0
     max_heads_per_model: int = 16384
-    evaluate_every_samples: int = 32
+    evaluate_every_samples: int = 64
     patterns: PatternThresholds = field(default_factory=PatternThresholds)
     verdicts: VerdictPolicy = field(default_factory=VerdictPolicy)
     drift: DriftPolicy = field(default_factory=DriftPolicy)

@@ -79,7 +79,7 @@ class WindowSettings(_Section):
     horizon_seconds: Annotated[float, Field(gt=0)] = 3600.0
     model_ttl_seconds: Annotated[float, Field(gt=0)] = 900.0
     max_heads_per_model: Annotated[int, Field(ge=1, le=1 << 20)] = 16384
-    evaluate_every_samples: Positive = 32
+    evaluate_every_samples: Positive = 64
 
 
 class PatternSettings(_Section):

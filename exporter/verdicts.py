@@ -47,10 +47,14 @@ class VerdictPolicy:
             )
 
 
-def _rank_value(hist: np.ndarray, rank: np.ndarray) -> np.ndarray:
+def _rank_values(hist: np.ndarray, ranks: list[np.ndarray]) -> list[np.ndarray]:
+    """Return, per rank array, the value of the bin holding that rank in each head's histogram."""
     cumulative = np.cumsum(hist, axis=-1)
-    index = (cumulative < rank[..., None]).sum(axis=-1)
-    return _BIN_VALUE[np.minimum(index, _BIN_VALUE.size - 1)]
+    out = []
+    for rank in ranks:
+        index = np.count_nonzero(cumulative < rank[..., None], axis=-1)
+        out.append(_BIN_VALUE[np.minimum(index, _BIN_VALUE.size - 1)])
+    return out
 
 
 def eviction_quantiles(hist: np.ndarray, policy: VerdictPolicy) -> tuple[np.ndarray, np.ndarray]:
@@ -63,9 +67,9 @@ def eviction_quantiles(hist: np.ndarray, policy: VerdictPolicy) -> tuple[np.ndar
     q = policy.quantile
     rank = np.maximum(np.ceil(q * n), 1)
     ucb_rank = np.minimum(np.ceil(q * n + policy.confidence_z * np.sqrt(n * q * (1 - q))), n)
-    point = np.where(n > 0, _rank_value(hist, rank), np.nan)
-    upper = np.where(n > 0, _rank_value(hist, np.maximum(ucb_rank, 1)), np.nan)
-    return point, upper
+    point, upper = _rank_values(hist, [rank, np.maximum(ucb_rank, 1)])
+    empty = n == 0
+    return np.where(empty, np.nan, point), np.where(empty, np.nan, upper)
 
 
 def update_safe(
