@@ -56,7 +56,7 @@ def device_description() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def report(name: str, result: dict[str, Any], save: bool) -> int:
+def report(name: str, result: dict[str, Any], save: bool, file_stem: str | None = None) -> int:
     """Print the result, compare it with the committed bounds, optionally save it; return the exit status."""
     bounds = json.loads(BOUNDS.read_text()).get(name, {})
     failures = []
@@ -78,5 +78,5 @@ def report(name: str, result: dict[str, Any], save: bool) -> int:
     print(text)
     if save:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{name}.json").write_text(text + "\n")
+        (RESULTS / f"{file_stem or name}.json").write_text(text + "\n")
     return 1 if failures else 0

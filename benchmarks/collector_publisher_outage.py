@@ -227,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         "dropped": dropped,
         "resumed": resumed,
     }
-    return report("collector_publisher_outage", result, args.save)
+    stem = "collector_publisher_outage"
+    if args.outage_seconds != 30.0:
+        stem += f"_{args.outage_seconds:g}s"
+    return report("collector_publisher_outage", result, args.save, file_stem=stem)
 
 
 if __name__ == "__main__":

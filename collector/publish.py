@@ -28,7 +28,7 @@ __all__ = ["FileSink", "KafkaSink", "MemorySink", "Sink", "read_jsonl"]
 
 logger = logging.getLogger(__name__)
 
-_PRODUCER_COPIES = 2
+_PRODUCER_COPIES = 3
 
 
 class KafkaSink:
@@ -144,7 +144,8 @@ class KafkaSink:
         if len(data) > MAX_MESSAGE_BYTES:
             self.metrics.drop(name, "too_large")
             return
-        # kafka-python keeps the value and a copy in its record batch until the send settles.
+        # Until the send settles kafka-python holds the value, the record batch it was copied into
+        # and, with compression on, the compressed batch: three copies.
         charge = _PRODUCER_COPIES * len(data)
         with self._cond:
             self._in_flight_bytes += charge
