@@ -44,6 +44,9 @@ def common_config(k: KafkaSettings) -> dict[str, Any]:
         "request_timeout_ms": k.request_timeout_ms,
         "metadata_max_age_ms": k.metadata_max_age_ms,
     }
+    # kafka-python 3 waits up to bootstrap_timeout_ms for a first broker; keep it within ours.
+    if "bootstrap_timeout_ms" in KafkaConsumer.DEFAULT_CONFIG:
+        config["bootstrap_timeout_ms"] = int(min(k.startup_timeout_seconds, 30.0) * 1000)
     if k.sasl_mechanism:
         config["sasl_mechanism"] = k.sasl_mechanism
         config["sasl_plain_username"] = k.sasl_username

@@ -201,3 +201,22 @@ def test_reference_survives_restart_and_rebaseline_replaces_it(
         assert unknown.returncode == 1 and "no-such-model" in unknown.stderr
     finally:
         delete_side_topics(kafka_bootstrap, topic)
+
+
+def test_unreachable_broker_at_start_exits_3(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.integration.conftest_exporter import free_port
+
+    replica = ExporterProcess(f"127.0.0.1:{free_port()}", "t", "g", tmp_path,
+                              HEADWATCH_EXPORTER_KAFKA__STARTUP_TIMEOUT_SECONDS="3")  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "exporter", "serve"],
+        env=replica.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "broker unavailable" in done.stderr
