@@ -8,7 +8,7 @@ fresh topic first (not timed); then the exporter's own ConsumerService (what `he
 serve` runs) consumes them with a fresh group, committing as it goes. Reported from one run:
 messages/s and head-updates/s end to end from the real broker, the decode and fold time per
 message measured offline on the same messages (so the share of each is visible), and the
-process RSS once the windows are full vs at the end (state is O(models x heads x window), so it
+process RSS half way vs at the end, and the windows' own size (state is O(models x heads x window), so it
 must not grow with the messages consumed).
 """
 
@@ -90,8 +90,9 @@ def main() -> int:
                 consumed = service._visible.messages_total
                 if first_at is None and consumed > 0:
                     first_at, first_count = time.perf_counter(), consumed
-                if rss_full is None and consumed >= args.messages // 4:
-                    rss_full = rss_mib()  # every window (4 x 512 samples) is full by now
+                if rss_full is None and consumed >= args.messages // 2:
+                    # every window (4 x 512 samples) is full and fetch buffers are in steady state
+                    rss_full = rss_mib()
                 if consumed >= args.messages:
                     elapsed = time.perf_counter() - first_at  # type: ignore[operator]
                     break
@@ -99,6 +100,12 @@ def main() -> int:
                     raise SystemExit("the consumer stopped")
                 time.sleep(0.01)
             rss_end = rss_mib()
+            state_mib = sum(
+                a.nbytes
+                for st in service.aggregator.models.values()
+                for a in vars(st.window).values()
+                if hasattr(a, "nbytes")
+            ) / 2**20
         finally:
             stop.set()
             thread.join(timeout=30)
@@ -115,7 +122,8 @@ def main() -> int:
         "fold_ms_per_message": round(fold_ms, 3),
         "decode_share_of_end_to_end": round(decode_ms / (1000 / rate), 2),
         "offline_messages_per_second": round(1000 / (decode_ms + fold_ms)),
-        "rss_mib_windows_full": round(rss_full or 0, 1),
+        "window_state_mib": round(state_mib, 1),
+        "rss_mib_half_way": round(rss_full or 0, 1),
         "rss_mib_end": round(rss_end, 1),
         "rss_growth_mib": round(rss_end - (rss_full or rss_end), 1),
     }
