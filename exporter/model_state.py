@@ -130,7 +130,7 @@ class ModelState:
             self.context_sum += header.context_tokens
         self.window.add(sample)
         self.folded += 1
-        self._test.reshape(-1)[sample.cells] += 1
+        np.add.at(self._test.reshape(-1), sample.cells, 1)  # faster than fancy += in numpy 2
         self._test_rows += 1
         completed = self._grow_reference(sample.cells, header.timestamp_seconds)
         if self._test_rows >= self.policy.drift.window_samples:
@@ -142,7 +142,7 @@ class ModelState:
     def _grow_reference(self, cells: np.ndarray, timestamp: float) -> Reference | None:
         if self._building is None or timestamp < self._reference_after:
             return None
-        self._building.reshape(-1)[cells] += 1
+        np.add.at(self._building.reshape(-1), cells, 1)
         self._reference_rows += 1
         if self._reference_rows < self.policy.drift.reference_samples:
             return None
