@@ -49,7 +49,8 @@ _HEAD_LABELS = ["model_name", "layer", "head", "kv_head"]
 
 # Per-head series in priority order: (metric, help, region label or None, kind). Kind "drift"
 # series exist only for heads whose last drift test failed or that are drifted; "since" only for
-# drifted heads. With the default budget of 8 a quiet head exports all of its 8 series.
+# drifted heads. With the default budget of 8 a quiet head exports all of its 8 series, and a
+# drifted head keeps its drift details and gives up its last masses.
 _HEAD_SERIES: tuple[tuple[str, str, str | None, str], ...] = (
     ("headwatch_head_pattern", "1 for the head's current pattern", None, "pattern"),
     (
@@ -71,6 +72,7 @@ _HEAD_SERIES: tuple[tuple[str, str, str | None, str], ...] = (
         None,
         "drift",
     ),
+    ("headwatch_head_drift_since_timestamp_seconds", "When the head became drifted", None, "since"),
     (
         "headwatch_head_entropy_nats",
         "Mean attention entropy of the head's sampled rows",
@@ -80,7 +82,6 @@ _HEAD_SERIES: tuple[tuple[str, str, str | None, str], ...] = (
     ("headwatch_head_mass_ratio", "Mean probability mass per region", "sink", "mean"),
     ("headwatch_head_mass_ratio", "Mean probability mass per region", "recent", "mean"),
     ("headwatch_head_mass_ratio", "Mean probability mass per region", "middle", "mean"),
-    ("headwatch_head_drift_since_timestamp_seconds", "When the head became drifted", None, "since"),
     ("headwatch_head_normalized_entropy_ratio", "Mean of entropy / ln(visible keys)", None, "mean"),
 )
 _MEAN_CHANNEL = {
@@ -127,7 +128,7 @@ def _head_labels(layers: int, heads: int, kv_heads: int) -> tuple[tuple[str, str
 def _head_ranks(s: ModelSnapshot) -> list[np.ndarray]:
     """Return, per _HEAD_SERIES entry, each head's position in its own candidate list (-1: n/a)."""
     shows_drift = (s.failing | s.drifted).ravel()
-    drifted = s.drifted.ravel()
+    drifted = (s.drifted & np.isfinite(s.drift_since_seconds)).ravel()
     measured = (s.valid_counts > 0).ravel()
     position = np.zeros(shows_drift.shape, dtype=np.int64)
     ranks = []

@@ -85,6 +85,7 @@ def _with_drift(agg: Aggregator) -> Aggregator:
     state.drift = DriftState.empty(state.shape)
     object.__setattr__(state.drift, "drifted", drifted)
     object.__setattr__(state.drift, "failing", drifted.copy())
+    object.__setattr__(state.drift, "since_seconds", np.where(drifted, 1234.0, np.nan))
     return agg
 
 
