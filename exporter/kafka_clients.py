@@ -7,7 +7,6 @@ Usage:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -135,8 +134,12 @@ def ensure_topics(k: KafkaSettings) -> None:
         ]
         missing = [t for t in wanted if t.name not in existing]
         if missing:
-            with contextlib.suppress(TopicAlreadyExistsError):
+            try:
                 admin.create_topics(missing)
-            logger.info("created topics %s", [t.name for t in missing])
+                logger.info("created topics %s", [t.name for t in missing])
+            except TopicAlreadyExistsError:
+                pass
+            except KafkaError as exc:  # e.g. no CreateTopics right: operators create them
+                logger.warning("could not create %s: %r", [t.name for t in missing], exc)
     finally:
         admin.close()

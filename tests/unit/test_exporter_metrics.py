@@ -179,3 +179,19 @@ def test_one_model_name_with_two_identities_exports_the_newest() -> None:
     assert [s.model_key for s in agg.snapshot()] == ["tiny-llama@fedcba9876543210"]
     text = generate_latest(registry).decode()
     assert text.count('headwatch_model_kv_heads{model_name="tiny-llama"}') == 1
+
+
+def test_emits_exactly_the_names_of_docs_metrics_md() -> None:
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    documented = set(re.findall(r"\| `(headwatch_(?:head|kv|model|layer|exporter)_[a-z_]+)`", doc))
+    agg = _with_drift(_aggregator())
+    registry = CollectorRegistry(auto_describe=False)
+    stats = ExporterStats(lag={("headwatch.head-stats.v1", 0): 3})
+    registry.register(
+        HeadwatchCollector(lambda: (agg.snapshot(), stats), SeriesLimits(head_series_budget=11))
+    )
+    emitted = set(re.findall(r"^# TYPE (\S+)", render(registry.collect()).decode(), re.MULTILINE))
+    assert emitted == documented
