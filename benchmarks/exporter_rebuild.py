@@ -75,11 +75,11 @@ def main() -> int:
         settings = service_settings(bootstrap, topic, group, max_poll_records=500)
         service, stop, thread = run_service(settings)
         try:
-            while service._visible.rebuild_seconds == 0.0 or service._rebuild_started is not None:
+            while service.stats().rebuild_seconds == 0.0 or service.health()["rebuilding"]:
                 if not thread.is_alive():
                     raise SystemExit("the consumer stopped")
                 time.sleep(0.05)
-            rebuild = service._visible.rebuild_seconds
+            rebuild = service.stats().rebuild_seconds
             snapshot = service.scrape_view()[0]
         finally:
             stop.set()

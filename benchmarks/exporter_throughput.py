@@ -87,7 +87,7 @@ def main() -> int:
         try:
             first_at = rss_full = None
             while True:
-                consumed = service._visible.messages_total
+                consumed = service.stats().messages_total
                 if first_at is None and consumed > 0:
                     first_at, first_count = time.perf_counter(), consumed
                 if rss_full is None and consumed >= args.messages // 2:
@@ -100,12 +100,15 @@ def main() -> int:
                     raise SystemExit("the consumer stopped")
                 time.sleep(0.01)
             rss_end = rss_mib()
-            state_mib = sum(
-                a.nbytes
-                for st in service.aggregator.models.values()
-                for a in vars(st.window).values()
-                if hasattr(a, "nbytes")
-            ) / 2**20
+            state_mib = (
+                sum(
+                    a.nbytes
+                    for st in service.aggregator.models.values()
+                    for a in vars(st.window).values()
+                    if hasattr(a, "nbytes")
+                )
+                / 2**20
+            )
         finally:
             stop.set()
             thread.join(timeout=30)

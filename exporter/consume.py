@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import Counter
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -26,6 +25,7 @@ from kafka.structs import OffsetAndMetadata
 
 from collector.schema import SchemaError
 from exporter.aggregate import Aggregator, Fold
+from exporter.counters import RateLimitedLog, ReplicaCounters
 from exporter.deadletter import send_dead_letter
 from exporter.errors import BrokerUnavailableError
 from exporter.kafka_clients import FATAL_ERRORS, ensure_topics, make_group_consumer, make_producer
@@ -61,22 +61,22 @@ class ConsumerService:
         self._next: dict[TopicPartition, int] = {}
         self._rebuild_started: float | None = None
         self._pending: dict[TopicPartition, int] = {}
-        self._counts: Counter[str] = Counter()
-        self._invalid: Counter[str] = Counter()
-        self._visible = ExporterStats()
-        self._lag: dict[tuple[str, int], int] = {}
-        self._rebuild_seconds = 0.0
-        self._last_message_wall = 0.0
+        self._c = ReplicaCounters()
         self._touched: set[str] = set()
         self.loop_wall = 0.0
         self.alive = False
-        self._last_log: dict[str, float] = {}
+        self._log_limited = RateLimitedLog(logger, _LOG_EVERY_SECONDS)
 
     # --- views for the HTTP side -------------------------------------------------------------
     def scrape_view(self) -> tuple[list[ModelSnapshot], ExporterStats]:
         """Return the model snapshots and the counters as of the last successful commit."""
         with self._lock:
-            return self.aggregator.snapshot(), self._visible
+            return self.aggregator.snapshot(), self._c.visible
+
+    def stats(self) -> ExporterStats:
+        """Return the replica's counters as of the last commit (cheap: no model snapshots)."""
+        with self._lock:
+            return self._c.visible
 
     def health(self) -> dict[str, Any]:
         """Return liveness facts for /healthz."""
@@ -88,7 +88,7 @@ class ConsumerService:
                 else None,
                 "partitions": sorted(f"{tp.topic}[{tp.partition}]" for tp in self._replay_until),
                 "assigned_partitions": len(self._replay_until),
-                "lag_messages": sum(self._lag.values()),
+                "lag_messages": sum(self._c.lag.values()),
                 "rebuilding": self._rebuild_started is not None,
                 "models": len(self.aggregator.models),
             }
@@ -117,7 +117,7 @@ class ConsumerService:
                     self._committed.pop(tp, None)
                     self._next.pop(tp, None)
                     self._pending.pop(tp, None)
-                    self._lag.pop((tp.topic, tp.partition), None)
+                    self._c.lag.pop((tp.topic, tp.partition), None)
             logger.info(
                 "partitions %s gone; dropped %d models", sorted(map(str, lost)), len(dropped)
             )
@@ -267,14 +267,14 @@ class ConsumerService:
         now: float,
     ) -> None:
         if not replay:
-            self._counts["messages"] += 1
-            self._last_message_wall = now
+            self._c.messages += 1
+            self._c.last_message_wall = now
             self._pending[tp] = record.offset + 1
         if isinstance(outcome, SchemaError):
             self._poison(tp, record, outcome.reason, outcome.detail, replay)
             return
         if outcome is Fold.DUPLICATE and not replay:
-            self._counts["duplicates"] += 1
+            self._c.duplicates += 1
         if key is not None:
             self._touched.add(key)
 
@@ -283,7 +283,7 @@ class ConsumerService:
     ) -> None:
         if replay:
             return  # the previous owner counted and dead-lettered it
-        self._invalid[reason] += 1
+        self._c.invalid[reason] += 1
         self._log_limited(
             f"invalid:{reason}", "invalid message at %s[%d]@%d (%s): %s",
             tp.topic, tp.partition, record.offset, reason, detail[:200],
@@ -292,7 +292,7 @@ class ConsumerService:
             return
         try:
             send_dead_letter(self._producer, self._k.dead_letter_topic, tp, record, reason, detail)
-            self._counts["dead_letters_pending"] += 1
+            self._c.dead_letters_pending += 1
         except KafkaError as exc:
             self._log_limited(
                 "dlq",
@@ -306,7 +306,7 @@ class ConsumerService:
     def _commit(self) -> None:
         if not self._pending or self._consumer is None:
             return
-        if self._counts["dead_letters_pending"] and self._producer is not None:
+        if self._c.dead_letters_pending and self._producer is not None:
             try:
                 self._producer.flush(timeout=30)
             except KafkaError as exc:
@@ -324,22 +324,11 @@ class ConsumerService:
         self._committed.update(self._pending)
         self._pending.clear()
         with self._lock:
-            self._counts["dead_letters"] += self._counts.pop("dead_letters_pending", 0)
+            self._c.dead_letters += self._c.dead_letters_pending
+            self._c.dead_letters_pending = 0
             self.aggregator.publish_counters(self._touched)
             self._touched.clear()
-            self._visible = self._stats()
-
-    def _stats(self) -> ExporterStats:
-        return ExporterStats(
-            messages_total=self._counts["messages"],
-            invalid=dict(self._invalid),
-            duplicates=self._counts["duplicates"],
-            dead_letters=self._counts["dead_letters"],
-            lag=dict(self._lag),
-            assigned_partitions=len(self._replay_until),
-            last_message_wall=self._last_message_wall,
-            rebuild_seconds=self._rebuild_seconds,
-        )
+            self._c.publish(len(self._replay_until))
 
     def _check_rebuilt(self) -> None:
         if self._rebuild_started is None or self._consumer is None:
@@ -350,10 +339,10 @@ class ConsumerService:
             return
         if done:
             with self._lock:
-                self._rebuild_seconds = self._clock() - self._rebuild_started
+                self._c.rebuild_seconds = self._clock() - self._rebuild_started
                 self._rebuild_started = None
-                self._visible = self._stats()
-            logger.info("windows rebuilt in %.2fs", self._rebuild_seconds)
+                self._c.publish(len(self._replay_until))
+            logger.info("windows rebuilt in %.2fs", self._c.rebuild_seconds)
 
     def _update_lag(self) -> None:
         consumer = self._consumer
@@ -367,9 +356,9 @@ class ConsumerService:
             self._log_limited("lag", "lag not updated: %r", exc)
             return
         with self._lock:
-            self._lag = lag
-            self._visible = dataclasses.replace(
-                self._visible, lag=dict(lag), assigned_partitions=len(tps)
+            self._c.lag = lag
+            self._c.visible = dataclasses.replace(
+                self._c.visible, lag=dict(lag), assigned_partitions=len(tps)
             )
 
     def _sync_references(self) -> None:
@@ -389,12 +378,6 @@ class ConsumerService:
         if self._consumer is None:
             raise RuntimeError("expected a running consumer, got none")
         return self._consumer
-
-    def _log_limited(self, key: str, fmt: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last_log.get(key, -1e9) >= _LOG_EVERY_SECONDS:
-            self._last_log[key] = now
-            logger.warning(fmt, *args)
 
     def close(self) -> None:
         """Close the Kafka clients (the group leaves, so partitions move at once)."""
