@@ -50,6 +50,7 @@ class KvPolicy:
     error: np.ndarray  # float (layers, kv_heads), NaN where unknown
     source: str
     error_bound: float = 0.05
+    mean_error: np.ndarray | None = None  # (layers, kv_heads): worst mean error of its query heads
 
     def __post_init__(self) -> None:
         if self.streaming.ndim != 2 or self.streaming.shape != self.error.shape:
@@ -84,9 +85,12 @@ class KvPolicy:
 def from_summary(summary: HeadSummary, bound: float = 0.05) -> KvPolicy:
     """Return the policy of an analysis: its safe KV heads stream, with its S and R."""
     group = summary.group
-    p95 = summary.eviction_error_p95.reshape(summary.num_layers, summary.num_kv_heads, group)
+    shape = (summary.num_layers, summary.num_kv_heads, group)
+    p95 = summary.eviction_error_p95.reshape(shape)
+    mean = summary.stats["eviction_error"].reshape(shape)
     with np.errstate(all="ignore"):
         worst = np.where(np.isnan(p95).all(axis=2), np.nan, np.nanmax(p95, axis=2))
+        worst_mean = np.where(np.isnan(mean).all(axis=2), np.nan, np.nanmax(mean, axis=2))
     return KvPolicy(
         model_name=summary.model_name,
         sink_tokens=summary.sink_tokens,
@@ -95,6 +99,7 @@ def from_summary(summary: HeadSummary, bound: float = 0.05) -> KvPolicy:
         error=worst,
         source=f"analysis ({summary.samples} sampled rows; verdicts: {summary.verdict_source})",
         error_bound=bound,
+        mean_error=worst_mean,
     )
 
 
@@ -171,14 +176,19 @@ def to_dict(policy: KvPolicy) -> dict[str, Any]:
                 "layer": layer,
                 "kv_head": kv,
                 "keep": "sink_recent" if policy.streaming[layer, kv] else "all",
-                "eviction_error_p95": None
-                if math.isnan(policy.error[layer, kv])
-                else round(float(policy.error[layer, kv]), 6),
+                "eviction_error_p95": _rounded(policy.error[layer, kv]),
+                "eviction_error_mean": None
+                if policy.mean_error is None
+                else _rounded(policy.mean_error[layer, kv]),
             }
             for layer in range(layers)
             for kv in range(kv_heads)
         ],
     }
+
+
+def _rounded(value: float) -> float | None:
+    return None if math.isnan(value) else round(float(value), 6)
 
 
 def write_policy(policy: KvPolicy, out: Path) -> list[Path]:
@@ -212,11 +222,14 @@ def read_policy(path: Path) -> KvPolicy:
     shape = (int(data["num_layers"]), int(data["num_kv_heads"]))
     streaming = np.zeros(shape, dtype=bool)
     error = np.full(shape, np.nan)
+    mean = np.full(shape, np.nan)
     for item in data["kv_heads"]:
         at = (int(item["layer"]), int(item["kv_head"]))
         streaming[at] = item["keep"] == "sink_recent"
         if item.get("eviction_error_p95") is not None:
             error[at] = float(item["eviction_error_p95"])
+        if item.get("eviction_error_mean") is not None:
+            mean[at] = float(item["eviction_error_mean"])
     return KvPolicy(
         str(data["model_name"]),
         int(data["sink_tokens"]),
@@ -225,6 +238,7 @@ def read_policy(path: Path) -> KvPolicy:
         error,
         str(data["source"]),
         float(data["eviction_error_bound"]),
+        mean,
     )
 
 

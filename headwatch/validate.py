@@ -159,12 +159,20 @@ def unsafe_draws(streaming_kv: np.ndarray, draws: int, seed: int) -> list[np.nda
     return out
 
 
-def lowest_error(error: np.ndarray, count: int) -> np.ndarray:
-    """Return the mask (layers, kv_heads) of the `count` KV heads with the lowest measured error."""
+def lowest_error(error: np.ndarray, count: int, tiebreak: np.ndarray | None = None) -> np.ndarray:
+    """Return the mask (layers, kv_heads) of the `count` KV heads with the lowest measured error.
+
+    Ties (e.g. several p95 errors at the histogram's top value 1.0) are broken by `tiebreak`
+    (the mean error) when given.
+    """
     if not 0 < count < error.size:
         raise PolicyError(f"expected --lowest in [1, {error.size - 1}], got {count}")
+    second = (
+        np.zeros(error.size) if tiebreak is None else np.nan_to_num(tiebreak, nan=np.inf).ravel()
+    )
+    order = np.lexsort((second, np.nan_to_num(error, nan=np.inf).ravel()))
     mask = np.zeros(error.size, dtype=bool)
-    mask[np.argsort(np.nan_to_num(error, nan=np.inf), axis=None)[:count]] = True
+    mask[order[:count]] = True
     return mask.reshape(error.shape)
 
 
@@ -239,7 +247,9 @@ def main(argv: list[str]) -> int:
     try:
         policy = read_policy(args.policy)
         chosen = (
-            policy.streaming if args.lowest is None else lowest_error(policy.error, args.lowest)
+            policy.streaming
+            if args.lowest is None
+            else lowest_error(policy.error, args.lowest, policy.mean_error)
         )
         model, tokenizer, name = load_model(args.model)
         maker = prompt_maker(tokenizer)

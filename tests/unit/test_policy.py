@@ -84,6 +84,7 @@ def test_policy_json_follows_the_documented_schema(tmp_path: Path) -> None:
         "kv_head": 0,
         "keep": "sink_recent",
         "eviction_error_p95": 0.02,
+        "eviction_error_mean": 0.0,
     }
 
 

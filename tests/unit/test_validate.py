@@ -142,6 +142,14 @@ def test_lowest_error_picks_the_heads_with_the_smallest_measured_error() -> None
         lowest_error(error, 4)
 
 
+def test_lowest_error_breaks_ties_by_the_mean_error() -> None:
+    from headwatch.validate import lowest_error
+
+    p95 = np.array([[1.0, 1.0, 1.0]])  # every p95 at the histogram's top value
+    mean = np.array([[0.4, 0.1, 0.3]])
+    assert lowest_error(p95, 1, mean).tolist() == [[False, True, False]]
+
+
 def test_cli_writes_the_markdown_table(tmp_path: Path) -> None:
     from headwatch.policy import KvPolicy, write_policy
     from headwatch.prompts import synthetic_text
