@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 
+from headwatch.policy import KvPolicy
 from headwatch.prompts import Prompt
 from headwatch.report.errors import HeadwatchToolError, PolicyError
 from headwatch.report.rows import causal_sdpa
@@ -176,6 +177,19 @@ def lowest_error(error: np.ndarray, count: int, tiebreak: np.ndarray | None = No
     return mask.reshape(error.shape)
 
 
+def _ranking(
+    policy: KvPolicy, rank_by: str, count: int
+) -> tuple[np.ndarray, int, np.ndarray | None]:
+    """Return the arguments of `lowest_error`: (primary error, count, tie-break error)."""
+    if rank_by == "mean":
+        if policy.mean_error is None or np.isnan(policy.mean_error).all():
+            raise PolicyError(
+                "expected mean eviction errors in the policy for --rank-by mean, got none"
+            )
+        return policy.mean_error, count, policy.error
+    return policy.error, count, policy.mean_error
+
+
 def compare(
     model: PreTrainedModel,
     prompts: Sequence[Prompt],
@@ -232,6 +246,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="restrict the N KV heads of lowest measured error instead of the policy's safe set",
     )
+    p.add_argument(
+        "--rank-by",
+        choices=("p95", "mean"),
+        default="p95",
+        help="error that orders KV heads for --lowest: the verdict's p95 (default) or the mean",
+    )
     p.add_argument("--out", type=Path, default=Path("validation.md"), help="markdown file to write")
     return p
 
@@ -249,7 +269,7 @@ def main(argv: list[str]) -> int:
         chosen = (
             policy.streaming
             if args.lowest is None
-            else lowest_error(policy.error, args.lowest, policy.mean_error)
+            else lowest_error(*_ranking(policy, args.rank_by, args.lowest))
         )
         model, tokenizer, name = load_model(args.model)
         maker = prompt_maker(tokenizer)
@@ -267,7 +287,7 @@ def main(argv: list[str]) -> int:
     chosen_text = (
         "the KV heads the policy marks safe"
         if args.lowest is None
-        else f"the {args.lowest} KV heads of lowest measured error (not all under the bound)"
+        else f"the {args.lowest} KV heads of lowest measured {args.rank_by} eviction error (not all under the bound)"
     )
     context = (
         f"Restricted: {chosen_text}. Model {name}; {len(prompts)} held-out prompts "
