@@ -1,11 +1,13 @@
 """`headwatch train`: train the small Llama that headwatch ships, resumably and in bounded time.
 
 Usage:
-    headwatch train --run-dir runs/bundled --steps-a 300 --steps-b 900 --max-minutes 60 --export
+    headwatch train --run-dir runs/bundled --steps-a 500 --steps-b 1500 --max-minutes 60 --export
     headwatch train --run-dir runs/bundled --resume --export
 
-Curriculum: phase A uses short windows rich in copy tasks (an induction head forms there
-first); phase B uses long windows (up to the model's context) of text and needle retrieval.
+Curriculum: phase A uses short windows rich in copy tasks (so that copying can be learned
+cheaply first); phase B uses long windows (up to the model's context) of text and needle
+retrieval. The schedule follows the larger of step progress and time progress, so
+--max-minutes bounds the run and a slow machine still gets both phases and the full decay.
 """
 
 from __future__ import annotations
