@@ -49,7 +49,7 @@ def markdown(safe: Effect, unsafe: Sequence[Effect], total_kv: int, context: str
             [
                 f"| {label}",
                 f"{effects[0].kv_heads} of {total_kv}",
-                _mean_and_range([e.mean_kl_nats for e in effects], "{:.4f}"),
+                _mean_and_range([e.mean_kl_nats for e in effects], "{:.3g}"),
                 f"{effects[0].perplexity_full:.2f} -> {restricted:.2f}",
                 _mean_and_range([e.perplexity_change for e in effects], "{:+.2%}"),
                 _mean_and_range([e.answer_nll_change_nats for e in effects], "{:+.3f}") + " |",
@@ -57,10 +57,10 @@ def markdown(safe: Effect, unsafe: Sequence[Effect], total_kv: int, context: str
         )
 
     unsafe_kl = float(np.mean([e.mean_kl_nats for e in unsafe]))
-    ratio = (
-        f"{unsafe_kl / safe.mean_kl_nats:.1f}x"
-        if safe.mean_kl_nats > 1e-9
-        else "far above (the safe heads' KL is ~0)"
+    verdict = (
+        f"The unsafe heads' mean KL is {unsafe_kl / safe.mean_kl_nats:.1f}x the safe heads'."
+        if safe.mean_kl_nats > 1e-12
+        else f"The safe heads' KL is ~0; the unsafe heads' is {unsafe_kl:.3g}."
     )
     return "\n".join(
         [
@@ -71,6 +71,6 @@ def markdown(safe: Effect, unsafe: Sequence[Effect], total_kv: int, context: str
                 f"marked unsafe, equal number (mean of {len(unsafe)} random draws, range)", unsafe
             ),
             "",
-            f"{context} The unsafe heads' mean KL is {ratio} the safe heads'.",
+            f"{context} {verdict}",
         ]
     )
