@@ -156,6 +156,9 @@ def attach(
     sampler = Sampler(policy, rng or random.Random(settings.seed), time.monotonic)
     name = identity.model_name
     metrics.hook_enabled.labels(model_name=name).set(1)
+    # Export zeros from the start, so dashboards show 0 (not 'no data') on a healthy server.
+    for counter in (metrics.sampled, metrics.published, metrics.hook_errors):
+        counter.labels(model_name=name)
     guard = ErrorGuard(
         settings.max_consecutive_errors,
         settings.error_log_interval_seconds,

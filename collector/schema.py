@@ -152,6 +152,8 @@ class HeadStatsMessage(BaseModel):
 
     # Convenience accessors named in the public contract.
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # private attributes: the hot path of decoding
+            return super().__getattr__(name)  # type: ignore[misc]
         if name in MessageHeader.model_fields or name in {"query_heads_per_kv_head", "model_key"}:
             return getattr(self.header, name)
         return super().__getattr__(name)  # type: ignore[misc]

@@ -18,6 +18,10 @@ from collections.abc import Callable, Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("headwatch.demo", "run the bundled model with the collector attached and show its head patterns"),
     "analyze": ("headwatch.analyze", "measure every head of a local causal-LM directory on long prompts"),
+    "validate": (
+        "headwatch.validate",
+        "measure what restricting safe heads to sink+recent keys does to the output",
+    ),
     "policy": ("headwatch.policy", "write a per-KV-head compression policy from verdicts or an analysis"),
     "run": ("collector.instrument", "run an unmodified Python serving program with the collector attached"),
     "exporter": ("exporter.cli", "consume head statistics from Kafka and serve Prometheus metrics"),

@@ -20,6 +20,9 @@ have java || packages+=(default-jre-headless)
 have mvn || packages+=(maven)
 have prometheus || packages+=(prometheus)
 have prometheus-alertmanager || have alertmanager || packages+=(prometheus-alertmanager)
+# Public-domain text for the demo's haystacks (KJV, Jargon File); see headwatch/model/MODEL_CARD.md.
+{ [ -d /usr/share/doc/bible-kjv ] && [ -d /usr/share/doc/bible-kjv-text ]; } || packages+=(bible-kjv-text bible-kjv)
+[ -d /usr/share/doc/jargon-text ] || packages+=(jargon-text)
 if ! have "$PYTHON"; then
     packages+=(python3 python3-venv)
     PYTHON=python3
