@@ -316,13 +316,16 @@ def _check_layout(header: MessageHeader) -> None:
         )
     if len(header.visible_keys) != header.num_layers:
         raise SchemaError(
-            "shape", f"visible_keys has {len(header.visible_keys)} entries, expected {header.num_layers}"
+            "shape",
+            f"visible_keys has {len(header.visible_keys)} entries, expected {header.num_layers}",
         )
     expected = core_stat_names(header.top_k)
     for n in header.stat_names:
         quantum_of(n)
     if tuple(header.stat_names) != expected:
-        raise SchemaError("unknown_stat", f"expected statistics {expected}, got {header.stat_names}")
+        raise SchemaError(
+            "unknown_stat", f"expected statistics {expected}, got {header.stat_names}"
+        )
 
 
 def _check_ranges(msg: HeadStatsMessage) -> None:

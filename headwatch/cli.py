@@ -16,17 +16,32 @@ from collections.abc import Callable, Sequence
 
 # subcommand -> (module, one-line help). Each module exposes `main(argv: list[str]) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("headwatch.demo", "run the bundled model with the collector attached and show its head patterns"),
-    "analyze": ("headwatch.analyze", "measure every head of a local causal-LM directory on long prompts"),
+    "demo": (
+        "headwatch.demo",
+        "run the bundled model with the collector attached and show its head patterns",
+    ),
+    "analyze": (
+        "headwatch.analyze",
+        "measure every head of a local causal-LM directory on long prompts",
+    ),
     "validate": (
         "headwatch.validate",
         "measure what restricting safe heads to sink+recent keys does to the output",
     ),
-    "policy": ("headwatch.policy", "write a per-KV-head compression policy from verdicts or an analysis"),
-    "run": ("collector.instrument", "run an unmodified Python serving program with the collector attached"),
+    "policy": (
+        "headwatch.policy",
+        "write a per-KV-head compression policy from verdicts or an analysis",
+    ),
+    "run": (
+        "collector.instrument",
+        "run an unmodified Python serving program with the collector attached",
+    ),
     "exporter": ("exporter.cli", "consume head statistics from Kafka and serve Prometheus metrics"),
     "dashboards": ("dashboards.cli", "generate, check or push Grafana dashboards and alert rules"),
-    "stack": ("headwatch.localstack.cli", "start or stop the local Kafka/Prometheus/Alertmanager stack"),
+    "stack": (
+        "headwatch.localstack.cli",
+        "start or stop the local Kafka/Prometheus/Alertmanager stack",
+    ),
     "train": ("headwatch.training.train", "train the small bundled model from an offline corpus"),
 }
 
