@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from headwatch.demo_kafka import KafkaPublisher
 from headwatch.report.errors import HeadwatchToolError, PortInUseError
 
 logger = logging.getLogger(__name__)
@@ -61,11 +62,6 @@ class LiveAggregation:
                 return
             self.aggregator.fold(message, partition=0, replay=False, now_wall=time.time())
             self.folded += 1
-
-    def close(self, timeout_seconds: float | None = None) -> None:
-        """Close the Kafka sink, if any (flushing within its time bound)."""
-        if self.forward_to is not None:
-            self.forward_to.close(timeout_seconds)
 
     def snapshots(self) -> list[Any]:
         """Return the exporter's per-model snapshots with up-to-date verdicts."""
@@ -161,15 +157,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _kafka_sink(bootstrap: str) -> Any:
-    from collector import KafkaSink
-    from collector.settings import load_settings
-
-    # The rest of the Kafka settings (topic, acks, compression) come from HEADWATCH_COLLECTOR_KAFKA__*.
-    kafka = load_settings().kafka.model_copy(update={"bootstrap_servers": bootstrap})
-    return KafkaSink(kafka)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the demo with parsed arguments; return the exit status."""
     from exporter.patterns import PATTERNS
@@ -190,8 +177,10 @@ def run(args: argparse.Namespace) -> int:
     settings = exporter_settings(args.port)
     out = args.out or default_out("demo")
     recent = args.recent_tokens or RECENT_TOKENS
+    # --kafka: fail before loading the model when no broker answers.
+    publisher = KafkaPublisher.connect(args.kafka) if args.kafka else None
     live = LiveAggregation(
-        settings.aggregate_policy(), _kafka_sink(args.kafka) if args.kafka else None
+        settings.aggregate_policy(), publisher.sink if publisher is not None else None
     )
     server = None
     if args.kafka is None:
@@ -234,19 +223,21 @@ def run(args: argparse.Namespace) -> int:
             "model": name,
             "requests": f"{len(prompts)} ({sum(p.has_needle for p in prompts)} needle-in-a-haystack, the rest plain documents; {min(len(p.ids) for p in prompts):,}-{max(len(p.ids) for p in prompts):,} tokens)",
             "haystack text": maker.source,
-            "transport": f"Kafka at {args.kafka}"
-            if args.kafka
+            "transport": f"Kafka at {args.kafka}, topic {publisher.topic}"
+            if publisher is not None
             else "in-memory, folded by the exporter's aggregation in-process",
         }
         build_report(out, f"headwatch demo: {name}", summary, model, needle, facts)
-        live.close(10.0)
         print(f"\nreport: {out}/index.html  ({time.perf_counter() - started:.1f} s)")
         print(
             f"policy: {out}/policy/policy.json and {out}/policy/duo_attention/ (docs/policy-format.md)"
         )
-        if args.kafka:
+        if publisher is not None:
+            sent = len(live.messages)
+            acknowledged = publisher.close_and_check(name, sent, timeout_seconds=10.0)
             print(
-                f"published {len(live.messages)} messages to {args.kafka}; run `headwatch exporter` to serve them"
+                f"published {acknowledged} of {sent} messages to {args.kafka} (topic {publisher.topic}); "
+                "run `headwatch exporter` to serve them"
             )
         if args.serve and server is not None:
             print(
@@ -256,6 +247,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.shutdown()
+        if publisher is not None:
+            publisher.close(timeout_seconds=1.0)  # after close_and_check: already closed, a no-op
     return 0
 
 
