@@ -23,18 +23,26 @@ def llama(
     head_dim: int,
     vocab: int = 256,
     positions: int = 131072,
+    intermediate: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> Any:
-    """Return a random-weight Llama in eval mode (fp32, CPU, sdpa)."""
+    """Return a random-weight Llama in eval mode (sdpa), built directly on `device` in `dtype`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-        max_position_embeddings=positions, initializer_range=0.2,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, max_position_embeddings=positions, initializer_range=0.2,
     )  # fmt: skip
     torch.manual_seed(0)
-    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    # built on the device: initialising billions of weights on the CPU would take minutes
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(
+            config, attn_implementation="sdpa", dtype=getattr(torch, dtype)
+        )
+    return model.eval()
 
 
 def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -48,15 +56,21 @@ def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def device_description() -> str:
+def device_description(device: str = "cpu") -> str:
     import torch
 
-    if torch.cuda.is_available():
+    if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def report(name: str, result: dict[str, Any], save: bool, file_stem: str | None = None) -> int:
+def report(
+    name: str,
+    result: dict[str, Any],
+    save: bool,
+    file_stem: str | None = None,
+    device: str = "cpu",
+) -> int:
     """Print the result, compare it with the committed bounds, optionally save it; return the exit status."""
     bounds = json.loads(BOUNDS.read_text()).get(name, {})
     failures = []
@@ -69,7 +83,7 @@ def report(name: str, result: dict[str, Any], save: bool, file_stem: str | None 
             failures.append(f"{metric}={value} outside {kind} {limit}")
     result = {
         "benchmark": name,
-        "device": device_description(),
+        "device": device_description(device),
         **result,
         "bounds": bounds,
         "failures": failures,

@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/collector_sampled_row.py --contexts 4096 16384 65536 [--save]
+    python benchmarks/collector_sampled_row.py --device cuda --geometry llama3-8b --save
 
 Both read the whole KV cache once (the floor). The cache is filled with random keys and values
 (a prefill at 64K would take hours on 2 CPU cores); queries come from the model. Reported:
@@ -11,6 +12,11 @@ medians of interleaved repeats. Unit-variance random keys give near-uniform atte
 `keys_for_90pct` needs its two extra passes: the worst case. `--key-scale 8` spreads the logits
 so that a few keys hold most of the mass (peaked heads, as most trained heads are: the top-k
 answers `keys_for_90pct` and no extra pass runs).
+
+`--geometry llama3-8b` builds a random-weight model of Llama-3-8B's shape (32 layers, hidden 4096,
+32 query / 8 KV heads of 128, MLP 14336, vocabulary 128256; 16 GB in bf16) directly on the
+device: the decode step then reads the weights and the cache as a real one does. On CUDA every
+timing is bracketed by `torch.cuda.synchronize()`.
 """
 
 from __future__ import annotations
@@ -25,13 +31,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import llama, report
 
+# name: (layers, hidden, heads, kv_heads, head_dim, intermediate, vocab)
+GEOMETRIES = {
+    "tiny": (4, 256, 8, 2, 32, 512, 256),
+    "llama3-8b": (32, 4096, 32, 8, 128, 14336, 128256),
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="tiny")
+    parser.add_argument("--layers", type=int, default=None, help="override the geometry's layers")
     parser.add_argument("--key-scale", type=float, default=1.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 steadies timings)")
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args(argv)
@@ -44,24 +59,36 @@ def main(argv: list[str] | None = None) -> int:
     from collector import MemorySink, attach
     from collector.metrics import CollectorMetrics
 
-    model = llama(hidden=256, layers=args.layers, heads=8, kv_heads=2, head_dim=32)
+    layers, hidden, heads, kv_heads, head_dim, intermediate, vocab = GEOMETRIES[args.geometry]
+    layers = args.layers or layers
+    device = args.device
+    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+    model = llama(
+        hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        intermediate=intermediate, vocab=vocab, device=device, dtype=dtype,
+    )  # fmt: skip
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     torch.manual_seed(1)
     rows = {}
     with torch.no_grad():
         for context in args.contexts:
             cache = DynamicCache(config=model.config)
-            for layer in range(args.layers):
-                keys = torch.randn(1, 2, context, 32) * args.key_scale
-                cache.update(keys, torch.randn(1, 2, context, 32), layer)
-            token, position = torch.tensor([[5]]), torch.tensor([[context]])
+            for layer in range(layers):
+                shape = (1, kv_heads, context, head_dim)
+                keys = torch.randn(shape, device=device, dtype=model.dtype) * args.key_scale
+                cache.update(keys, torch.randn(shape, device=device, dtype=model.dtype), layer)
+            token = torch.tensor([[5]], device=device)
+            position = torch.tensor([[context]], device=device)
 
             def step(
                 cache: DynamicCache = cache,
                 token: torch.Tensor = token,
                 position: torch.Tensor = position,
             ) -> float:
+                synchronize()
                 started = time.perf_counter()
                 model(token, cache=cache, position_ids=position, use_cache=True)
+                synchronize()
                 elapsed = time.perf_counter() - started
                 cache.crop(-1)
                 return elapsed
@@ -90,21 +117,29 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio": round(row / decode, 3),
             }
             print(context, rows[str(context)], file=sys.stderr)
+            del cache
     worst = max(r["ratio"] for r in rows.values())
-    name = (
-        "collector_sampled_row"
-        if args.key_scale == 1.0
-        else f"collector_sampled_row_keys_x{args.key_scale:g}"
-    )
+    stem = "collector_sampled_row"
+    if args.key_scale != 1.0:
+        stem += f"_keys_x{args.key_scale:g}"
+    if args.geometry != "tiny":
+        stem += f"_{args.geometry}"
+    if device != "cpu":
+        stem += f"_{device.split(':')[0]}"
     return report(
-        name,
+        "collector_sampled_row",
         {
             "key_scale": args.key_scale,
-            "model": f"llama {args.layers} layers, 8 query / 2 KV heads, head_dim 32, fp32, DynamicCache",
+            "model": (
+                f"llama ({args.geometry}) {layers} layers, {heads} query / {kv_heads} KV heads, "
+                f"head_dim {head_dim}, {dtype}, DynamicCache, random weights"
+            ),
             "contexts": rows,
             "ratio": worst,
         },
         args.save,
+        file_stem=stem,
+        device=device,
     )
 
 

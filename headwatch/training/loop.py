@@ -121,16 +121,20 @@ def train_step(
     step: int,
     device: str,
     progress: float | None = None,
-) -> tuple[float, int]:
-    """Run one optimiser step; return (weighted loss, tokens in the batch)."""
+) -> tuple[torch.Tensor, int]:
+    """Run one optimiser step; return (weighted loss as a 0-d tensor, tokens in the batch).
+
+    The loss stays on the device: reading it (`float(loss)`) waits for the step, so the caller
+    reads it only after queueing the next step, and a GPU never waits for the next batch.
+    """
     if progress is None:
         progress = step / sched.total
     length, batch, mix = sched.window(progress)
     kinds = list(mix)
     chosen = maker.rng.choice(len(kinds), size=batch, p=np.array([mix[k] for k in kinds]))
     windows = [maker.make(kinds[i], length) for i in chosen]
-    ids = torch.as_tensor(np.stack([w.ids for w in windows]), device=device)
-    weights = torch.as_tensor(np.stack([w.weights for w in windows]), device=device)
+    ids = _to_device(np.stack([w.ids for w in windows]), device)
+    weights = _to_device(np.stack([w.weights for w in windows]), device)
     for group in optim.param_groups:
         group["lr"] = sched.lr(step, progress)
     with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16):
@@ -146,7 +150,15 @@ def train_step(
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optim.step()
-    return float(loss.detach()), int(ids.numel())
+    return loss.detach(), int(ids.numel())
+
+
+def _to_device(array: np.ndarray, device: str) -> torch.Tensor:
+    """Return `array` on `device`; to a GPU through pinned memory, without waiting for the copy."""
+    tensor = torch.from_numpy(array)
+    if device.startswith("cuda"):
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
 
 
 def save_checkpoint(

@@ -166,27 +166,47 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.export_only:
         started = time.monotonic()
-        base_elapsed = state["elapsed_s"]
+        base_elapsed, base_tokens = state["elapsed_s"], state["tokens"]
         bar = tqdm(total=sched.total, initial=state["step"], unit="step", dynamic_ncols=True)
         progress = sched.progress(state["step"], state["elapsed_s"])
+        # The curve row of the last step, written once its loss is read: reading the loss waits
+        # for the step, so it is read after the next step is queued (see train_step).
+        pending: tuple[dict[str, float], torch.Tensor] | None = None
+
+        def write_pending() -> None:
+            nonlocal pending
+            if pending is not None:
+                row, loss = pending
+                row["train_loss"] = float(loss)
+                _append_curve(curve_path, row)
+                bar.set_postfix(
+                    loss=f"{row['train_loss']:.3f}",
+                    tok_s=f"{(state['tokens'] - base_tokens) / (time.monotonic() - started):.0f}",
+                    T=int(row["context"]),
+                    progress=f"{min(progress, 1.0):.0%}",
+                )
+                pending = None
+
         while progress < 1.0:
             step = state["step"]
-            t0 = time.monotonic()
             length = sched.window(progress)[0]
             lr = sched.lr(step, progress)
             loss, ntok = train_step(model, optim, maker, sched, step, args.device, progress)
+            write_pending()
             state["step"] = step + 1
             state["tokens"] += ntok
             state["elapsed_s"] = base_elapsed + time.monotonic() - started
             progress = sched.progress(state["step"], state["elapsed_s"])
-            row: dict[str, float] = {
-                "step": step + 1,
-                "tokens": state["tokens"],
-                "elapsed_s": round(state["elapsed_s"], 1),
-                "lr": lr,
-                "train_loss": loss,
-                "context": length,
-            }
+            pending = (
+                {
+                    "step": step + 1,
+                    "tokens": state["tokens"],
+                    "elapsed_s": round(state["elapsed_s"], 1),
+                    "lr": lr,
+                    "context": length,
+                },
+                loss,
+            )
             done = progress >= 1.0
             if (step + 1) % args.eval_every == 0 or done:
                 held = WindowMaker(
@@ -199,20 +219,15 @@ def run(args: argparse.Namespace) -> int:
                     text_length=min(args.context, 1024),
                     needle_length=min(args.context, 2048),
                 )
-                row.update(last_eval)
+                pending[0].update(last_eval)
                 bar.write(
                     f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items())
                 )
-            _append_curve(curve_path, row)
-            bar.set_postfix(
-                loss=f"{loss:.3f}",
-                tok_s=f"{ntok / (time.monotonic() - t0):.0f}",
-                T=length,
-                progress=f"{min(progress, 1.0):.0%}",
-            )
             bar.update(1)
             if (step + 1) % args.ckpt_every == 0 or done:
+                write_pending()  # the curve never runs behind a checkpoint
                 save_checkpoint(ckpt_path, model, optim, maker, state)
+        write_pending()
         bar.close()
         logger.info("finished at step %d after %.0f s", state["step"], state["elapsed_s"])
     if args.export is not None:
