@@ -49,6 +49,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("headwatch_model_messages_total", "counter", _MODEL),
     Metric("headwatch_model_context_tokens", "histogram", _MODEL),
     Metric("headwatch_model_last_message_timestamp_seconds", "gauge", _MODEL),
+    Metric("headwatch_model_sink_tokens", "gauge", _MODEL),
+    Metric("headwatch_model_recent_tokens", "gauge", _MODEL),
     # exporter, self-metrics
     Metric("headwatch_exporter_messages_total", "counter"),
     Metric("headwatch_exporter_invalid_messages_total", "counter", ("reason",)),

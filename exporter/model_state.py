@@ -121,8 +121,10 @@ class ModelState:
         """Fold one message in; return a reference when this message completed one."""
         header = msg.header
         self.last_fold_wall = now_wall
-        self.sink_tokens, self.recent_tokens = header.sink_tokens, header.recent_tokens
-        self.last_message_seconds = max(self.last_message_seconds, header.timestamp_seconds)
+        if header.timestamp_seconds >= self.last_message_seconds:
+            # The collector's S and R as of its newest message (exported for `headwatch policy`).
+            self.sink_tokens, self.recent_tokens = header.sink_tokens, header.recent_tokens
+            self.last_message_seconds = header.timestamp_seconds
         if not replay:
             self.messages_total += 1
             bucket = int(np.searchsorted(CONTEXT_BUCKETS, header.context_tokens, side="left"))
@@ -217,4 +219,6 @@ class ModelState:
             context_counts=self.visible_counters[1],
             context_sum=self.visible_counters[2],
             last_message_seconds=self.last_message_seconds,
+            sink_tokens=self.sink_tokens,
+            recent_tokens=self.recent_tokens,
         )

@@ -40,6 +40,9 @@ class ModelSnapshot:
     context_counts: np.ndarray
     context_sum: float
     last_message_seconds: float
+    # S and R of the newest message: the keep-set its eviction errors were measured for.
+    sink_tokens: int
+    recent_tokens: int
 
     @property
     def heads_pattern_changed(self) -> int:

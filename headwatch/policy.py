@@ -4,6 +4,8 @@ Usage:
     headwatch policy --from-analysis reports/analyze-x/heads.json --out policy/
     headwatch policy --from-metrics http://127.0.0.1:9464/metrics --model-name tiny --out policy/
 
+With --from-metrics, S and R are the exporter's `headwatch_model_sink_tokens` and
+`headwatch_model_recent_tokens` unless --sink-tokens / --recent-tokens say otherwise.
 Writes `policy.json` (format `headwatch.kv-policy.v1`, docs/policy-format.md) and, under
 `duo_attention/`, the head-pattern files DuoAttention and kvpress's DuoAttentionPress read:
 `config.json` (`sink_size`, `recent_size`) and `full_attention_heads.tsv` (one row per layer,
@@ -18,14 +20,13 @@ import logging
 import math
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from headwatch.policy_metrics import fetch_metrics, read_verdicts
 from headwatch.report.data import read_summary_json
 from headwatch.report.errors import HeadwatchToolError, PolicyError
 from headwatch.report.summary import HeadSummary
@@ -34,9 +35,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "headwatch.kv-policy.v1"
 DUO_DIR = "duo_attention"
-SAFE_METRIC = "headwatch_kv_head_safe_to_compress"
-ERROR_METRIC = "headwatch_head_eviction_error_ratio"
-DEFAULT_SINK_TOKENS = 4  # as in StreamingLLM
 
 
 @dataclass(frozen=True)
@@ -104,57 +102,27 @@ def from_summary(summary: HeadSummary, bound: float = 0.05) -> KvPolicy:
 
 
 def from_metrics_text(
-    text: str, model_name: str | None, sink_tokens: int, recent_tokens: int, where: str
+    text: str,
+    model_name: str | None,
+    sink_tokens: int | None = None,
+    recent_tokens: int | None = None,
+    where: str = "/metrics",
 ) -> KvPolicy:
-    """Return the policy in an exporter's /metrics exposition for one model."""
-    from prometheus_client.parser import text_string_to_metric_families
+    """Return the policy in an exporter's /metrics exposition for one model.
 
-    safe: dict[tuple[str, int, int], float] = {}
-    errors: dict[tuple[str, int, int], float] = {}
-    try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name not in (SAFE_METRIC, ERROR_METRIC):
-                    continue
-                lab = sample.labels
-                layer = int(lab["layer"])
-                kv = int(lab["kv_head"])
-                key = (lab.get("model_name", ""), layer, kv)
-                if sample.name == SAFE_METRIC:
-                    safe[key] = sample.value
-                else:
-                    errors[key] = max(errors.get(key, -math.inf), sample.value)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PolicyError(f"expected Prometheus text exposition from {where}, got {exc!r}") from exc
-    models = sorted({k[0] for k in safe})
-    if not models:
-        raise PolicyError(f"expected {SAFE_METRIC} series at {where}, got none")
-    if model_name is None:
-        if len(models) > 1:
-            raise PolicyError(f"expected one model at {where} or --model-name, got {models}")
-        model_name = models[0]
-    if model_name not in models:
-        raise PolicyError(f"expected model_name {model_name!r} at {where}, got {models}")
-    keys = [k for k in safe if k[0] == model_name]
-    layers = max(k[1] for k in keys) + 1
-    kv_heads = max(k[2] for k in keys) + 1
-    streaming = np.zeros((layers, kv_heads), dtype=bool)
-    error = np.full((layers, kv_heads), np.nan)
-    for _, layer, kv in keys:
-        streaming[layer, kv] = safe[(model_name, layer, kv)] >= 0.5
-        error[layer, kv] = errors.get((model_name, layer, kv), np.nan)
+    S and R come from the arguments when given, else from the exporter's
+    `headwatch_model_sink_tokens` / `headwatch_model_recent_tokens`; PolicyError if neither.
+    """
+    verdicts = read_verdicts(text, model_name, where)
+    sink, recent = verdicts.keep_set(sink_tokens, recent_tokens)
     return KvPolicy(
-        model_name, sink_tokens, recent_tokens, streaming, error, f"exporter metrics at {where}"
+        verdicts.model_name,
+        sink,
+        recent,
+        verdicts.streaming,
+        verdicts.error,
+        f"exporter metrics at {where}",
     )
-
-
-def fetch_metrics(url: str, timeout_seconds: float = 10.0) -> str:
-    """Return the body of an exporter's /metrics endpoint."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_seconds) as response:
-            return str(response.read().decode("utf-8"))
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise PolicyError(f"expected an exporter /metrics endpoint at {url}, got {exc}") from exc
 
 
 def to_dict(policy: KvPolicy) -> dict[str, Any]:
@@ -258,14 +226,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sink-tokens",
         type=int,
-        default=DEFAULT_SINK_TOKENS,
-        help="S for --from-metrics (default 4)",
+        default=None,
+        help="S for --from-metrics (default: the exporter's headwatch_model_sink_tokens)",
     )
     p.add_argument(
         "--recent-tokens",
         type=int,
         default=None,
-        help="R for --from-metrics (the collector's setting)",
+        help="R for --from-metrics (default: the exporter's headwatch_model_recent_tokens)",
     )
     p.add_argument(
         "--out",
@@ -284,10 +252,6 @@ def main(argv: list[str]) -> int:
         if args.from_analysis is not None:
             policy = from_summary(read_summary_json(args.from_analysis))
         else:
-            if args.recent_tokens is None:
-                raise PolicyError(
-                    "expected --recent-tokens with --from-metrics (the collector's R), got none"
-                )
             text = fetch_metrics(args.from_metrics)
             policy = from_metrics_text(
                 text, args.model_name, args.sink_tokens, args.recent_tokens, args.from_metrics
