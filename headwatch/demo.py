@@ -272,6 +272,13 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.serve and args.kafka:
+        print(
+            "headwatch demo: expected --serve or --kafka, got both; with --kafka, "
+            "`headwatch exporter` serves /metrics from the topic",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return run(args)
     except HeadwatchToolError as exc:
