@@ -45,7 +45,8 @@ class KafkaSettings(_Section):
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     max_poll_records: Positive = 250
-    poll_timeout_ms: Positive = 200
+    # kafka-python 3.0.12 can lose a SyncGroup reply when polls are short (a stuck rebalance).
+    poll_timeout_ms: Positive = 1_000
     session_timeout_ms: Positive = 10_000
     heartbeat_interval_ms: Positive = 3_000
     max_poll_interval_ms: Positive = 300_000
