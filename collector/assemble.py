@@ -68,32 +68,33 @@ def assemble(plan: PassPlan, identity: Identity, layout: Layout) -> list[HeadSta
     if not plan.results:
         return []
     names = core_stat_names(layout.top_k)
-    layers = sorted(plan.results)
-    # One copy per statistic for all layers and rows: (layers, n, heads).
-    host = {
-        name: torch.stack([plan.results[layer][name] for layer in layers]).double().cpu().numpy()
-        for name in (*names, "visible_keys")
-    }
-    heads = host[names[0]].shape[-1]
-    skipped = len(layers) < layout.num_layers
+    layers = [layer for layer in sorted(plan.results) if layer < layout.num_layers]
+    # One host copy for all statistics, layers and rows: (layers, n, heads, stats), then visible keys.
+    per_layer = [
+        torch.stack([plan.results[layer][name].float() for name in names], -1) for layer in layers
+    ]
+    host = torch.stack(per_layer).double().cpu().numpy() if layers else np.zeros((0, 0, 0, 0))
+    visible_host = (
+        torch.stack([plan.results[layer]["visible_keys"] for layer in layers]).cpu().numpy()
+        if layers
+        else np.zeros((0, len(plan.rows)), dtype=np.int64)
+    )
+    heads = host.shape[2] if layers else next(iter(plan.results.values()))[names[0]].shape[-1]
+    skipped = len(plan.results) < layout.num_layers
     messages = []
     now = time.time()
     for i, row in enumerate(plan.rows):
-        stats = {name: np.full((layout.num_layers, heads), np.nan) for name in names}
+        table = np.full((len(names), layout.num_layers, heads), np.nan)
+        table[:, layers] = host[:, i].transpose(2, 0, 1)
         visible = [0] * layout.num_layers
         for j, layer in enumerate(layers):
-            if layer >= layout.num_layers:
-                continue
-            visible[layer] = int(host["visible_keys"][j, i])
-            for name in names:
-                stats[name][layer] = host[name][j, i]
+            visible[layer] = int(visible_host[j, i])
+        stats = dict(zip(names, table, strict=True))
         flags: list[str] = []
         measured = np.array([v > 0 for v in visible])
-        if any(visible[layer] == 0 for layer in layers if layer < layout.num_layers):
+        if any(visible[layer] == 0 for layer in layers):
             flags.append("fully_masked")
-        finite = np.ones_like(measured)
-        for name in names:
-            finite &= np.isfinite(stats[name]).all(axis=1) | ~measured
+        finite = np.isfinite(table).all(axis=(0, 2)) | ~measured
         if not finite.all():
             flags.append("non_finite")
         if skipped:

@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from collector.stats import RowInputs
+from collector.stats import LayerPartial, RowInputs
 
 Phase = Literal["prefill", "decode"]
 
@@ -45,10 +45,16 @@ class PassPlan:
     total_slots: int
     query_len: int
     rows: list[RowPlan]
+    partials: dict[int, LayerPartial] = field(default_factory=dict)
     results: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     layout: dict[str, int] = field(default_factory=dict)
     stats_seconds: float = 0.0
     _keep_cache: dict[tuple[int, int, str], tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    # Layers that share key count, window and mask share their bias rows: built once per pass.
+    _bias_cache: dict[tuple[object, ...], tuple[object, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict
+    )
+    _index_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def plan_rows(
@@ -171,25 +177,44 @@ def layer_inputs(
     query: (batch, heads, q, d); key, value: (batch, kv_heads, keys, d); mask as the kernel got it.
     """
     device = query.device
-    batch = torch.tensor([r.batch_index for r in plan.rows], device=device)
-    rows = torch.tensor([r.query_row for r in plan.rows], device=device)
+    indices = plan._index_cache.get(str(device))
+    if indices is None:
+        indices = (
+            torch.tensor([r.batch_index for r in plan.rows], device=device),
+            torch.tensor([r.query_row for r in plan.rows], device=device),
+        )
+        plan._index_cache[str(device)] = indices
+    batch, rows = indices
     heads, kv_heads = query.shape[1], key.shape[1]
     if heads % kv_heads:
         raise ValueError(
             f"expected query heads to be a multiple of {kv_heads} KV heads, got {heads}"
         )
-    picked = query[batch, :, rows] if query.shape[0] > 1 else query[0, :, rows].transpose(0, 1)
+    if len(plan.rows) == 1:  # a view, no gather
+        picked = query[plan.rows[0].batch_index, :, plan.rows[0].query_row][None]
+    elif query.shape[0] > 1:
+        picked = query[batch, :, rows]
+    else:
+        picked = query[0, :, rows].transpose(0, 1)
     picked = picked.reshape(len(plan.rows), kv_heads, heads // kv_heads, query.shape[-1])
     keys = key.shape[2]
     keep_index, keep_is_sink, keep_valid = _keep_rows(plan, keys, device)
+    cache_key = (keys, sliding_window, is_causal, None if mask is None else id(mask), str(device))
+    cached = plan._bias_cache.get(cache_key)
+    if cached is None:
+        bias = _bias_rows(plan, keys, mask, sliding_window, is_causal, device)
+        # The mask is kept with its entry so that its id cannot be reused within the pass.
+        cached = (mask, bias, (bias > -math.inf).sum(-1))
+        plan._bias_cache[cache_key] = cached
     return RowInputs(
         query=picked,
         key=key,
         value=value,
         batch_index=batch,
-        bias=_bias_rows(plan, keys, mask, sliding_window, is_causal, device),
+        bias=cached[1],
         keep_index=keep_index,
         keep_is_sink=keep_is_sink,
         keep_valid=keep_valid,
         sinks=sinks,
+        visible=cached[2],
     )

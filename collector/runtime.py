@@ -29,9 +29,13 @@ from collector.metrics import CollectorMetrics
 from collector.plan import PassPlan, Phase, layer_inputs, plan_rows
 from collector.sampling import RequestState, Sampler
 from collector.schema import HeadStatsMessage
-from collector.stats import StatsSpec, row_statistics
+from collector.stats import StatsSpec, finish, layer_pass
 
 logger = logging.getLogger(__name__)
+
+# The per-layer entry point of the statistics (the part that reads the keys); a module attribute
+# so that fault-injection tests can replace it.
+row_statistics = layer_pass
 
 
 class ErrorGuard:
@@ -205,7 +209,7 @@ class PassCollector:
         inputs = layer_inputs(
             plan, query, key, value, mask, kwargs.get("sliding_window"), is_causal, sinks
         )
-        plan.results[layer] = row_statistics(
+        plan.partials[layer] = row_statistics(
             inputs, float(scaling), self.spec, kwargs.get("softcap")
         )
         plan.layout.setdefault("kv_heads", key.shape[1])
@@ -226,8 +230,11 @@ class PassCollector:
                 if cache is not None:
                     with self._lock:
                         self._requests[cache] = pending
-            if plan is not None and plan.results:
+            if plan is not None and plan.partials:
                 started = time.perf_counter()
+                layers = sorted(plan.partials)
+                done = finish([plan.partials[layer] for layer in layers], self.spec)
+                plan.results.update(zip(layers, done, strict=True))
                 messages = assemble(plan, self.identity, self.layout)
                 self._metrics.sampled.labels(model_name=self.identity.model_name).inc()
                 self._metrics.stats_seconds.labels(model_name=self.identity.model_name).observe(

@@ -4,25 +4,25 @@ Usage:
     rows = RowInputs(query=q, key=k, value=v, batch_index=b, bias=bias, keep_index=ki, keep_is_sink=ks, keep_valid=kv)
     stats = row_statistics(rows, scaling=0.125, spec=StatsSpec())  # {"entropy_nats": (n, heads), ...}
 
-Pure torch, no I/O. Everything stays on the tensors' device; nothing here synchronises with the host.
+Pure torch, no I/O. Everything stays on the tensors' device; host syncs happen on measured rows only.
 
-Cost and memory (K visible keys, n rows, h query heads, d head dim, C = `chunk_keys`):
-- pass 1 reads every key and value once (q.k logits, a running log-sum-exp, the entropy sum,
-  p.V and a running top-k merge); extra memory O(n x h x C);
-- the sink+recent keep-set is gathered by index (S + R keys), so its mass and the value-aware
+Cost and memory (K visible keys, n rows, h query heads, C = `chunk_keys`):
+- pass 1 reads every key and value once: one q.k matmul per KV group (no `repeat_kv` copies), one
+  exp reused for the log-sum-exp, the entropy and p.V, one unsorted top-k of the largest k (the
+  smaller k are prefix sums of it); extra memory O(n x h x C);
+- the sink+recent keep-set is gathered by index (S + R keys): its masses and the value-aware
   eviction error cost O(S + R);
-- `keys_for_90pct` is read from the sorted top-k when the largest top-k already holds 90% of the
-  mass (peaked heads: no extra cost); otherwise two more passes over the logits: a 4096-bin
-  histogram of mass and count, then an exact sort of the keys in the bin where the cumulative
-  mass crosses 90% (a masked top-k of that bin's size). When one chunk covers the row the logits
-  of pass 1 are reused; otherwise the passes recompute q.k (reading the keys again, not the values).
-GQA: the query heads are reshaped into (kv_heads, group), never `repeat_kv` copies of the cache.
+- `keys_for_90pct` is read from the top-k when the largest k already holds 90% of the mass (peaked
+  heads: no extra work). Otherwise a 4096-bin histogram of the mass over logits gives the bin where
+  the cumulative mass crosses 90%, and only that bin's keys are sorted. The chunk of pass 1 that
+  is still in memory is reused; chunks are laid out remainder first so that it is a full one, and
+  only the other chunks recompute q.k (keys only, never values).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +35,13 @@ _MAX_SORTED = 16384
 # Float32 probabilities carry ~1e-7 relative error each: a cumulative mass within this fraction of
 # the target counts as reaching it, so exact ties (e.g. 900 of 1000 equal keys) count exactly.
 _MASS_SLACK = 1e-6
+# Masked keys get this finite logit instead of -inf: exp gives exactly 0 and 0 * logit stays 0,
+# so the entropy sum needs no NaN guard. Fully masked rows are flagged from the bias instead.
+_MASKED = -1e30
+# Shifted logits are clamped here before exp: float32 exp of inputs below about -87.3 takes a slow
+# path for subnormal results (10x slower on CPU), and a weight of exp(-87) <= 1.7e-38 next to
+# the maximum's 1 is zero at float32 precision for every statistic.
+_FLOOR = -87.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class RowInputs:
     keep_index: (n, J) long key indices of the sink+recent keep-set (padded; see keep_valid).
     keep_is_sink: (n, J) bool, keep_valid: (n, J) bool.
     sinks: (kv_heads * group,) learned sink logits (gpt-oss `s_aux`) or None.
+    visible: (n,) number of visible keys (the finite entries of bias), or None to count them here.
     """
 
     query: torch.Tensor
@@ -68,25 +76,66 @@ class RowInputs:
     keep_is_sink: torch.Tensor
     keep_valid: torch.Tensor
     sinks: torch.Tensor | None = None
+    visible: torch.Tensor | None = None
 
 
-def _logits(
-    rows: RowInputs, start: int, stop: int, scaling: float, softcap: float | None
-) -> torch.Tensor:
-    """Return (n, kv_heads, group, stop - start) float32 logits as the kernel computes them."""
-    key = _gather_keys(rows.key, rows.batch_index, start, stop)
-    logits = torch.matmul(rows.query.float(), key.float().transpose(-1, -2))
-    logits.mul_(scaling)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits.add_(rows.bias[:, None, None, start:stop])
+@dataclass(frozen=True)
+class _Logits:
+    """What computes the logits of a key range: queries, keys, bias (masked keys at `_MASKED`)."""
+
+    query: torch.Tensor  # (n, kv_heads, group, d) float32
+    rows: RowInputs
+    bias: torch.Tensor  # (n, 1, 1, keys)
+    scaling: float
+    softcap: float | None
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        """Return (n, kv_heads, group, stop - start) float32 logits as the kernel computes them."""
+        key = _gather(self.rows.key, self.rows.batch_index, start, stop)
+        logits = torch.matmul(self.query, key.float().transpose(-1, -2)).mul_(self.scaling)
+        if self.softcap is not None:
+            logits = torch.tanh(logits.div_(self.softcap)).mul_(self.softcap)
+        return logits.add_(self.bias[..., start:stop])
 
 
-def _gather_keys(t: torch.Tensor, batch_index: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Return (n, kv_heads, stop - start, d): a view when all rows read one batch entry."""
+def _gather(t: torch.Tensor, batch_index: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Return (n, kv_heads, stop - start, d): a view when the cache holds one batch entry."""
     if t.shape[0] == 1:
-        return t[:, :, start:stop].expand(batch_index.shape[0], -1, -1, -1)
+        return t[:, :, start:stop]
     return t[batch_index, :, start:stop]
+
+
+def chunk_bounds(keys: int, chunk_keys: int) -> list[tuple[int, int]]:
+    """Return [start, stop) ranges of at most `chunk_keys` keys, the short remainder first."""
+    count = max(1, -(-keys // chunk_keys))
+    first = keys - (count - 1) * chunk_keys
+    return [(0, first)] + [
+        (first + i * chunk_keys, first + (i + 1) * chunk_keys) for i in range(count - 1)
+    ]
+
+
+@dataclass(frozen=True)
+class LayerPartial:
+    """What the passes over one layer's keys leave for `finish`: small tensors, no key-sized ones.
+
+    Shapes: (n, kv_heads, group, 1) for high, total, entropy_sum, atom, keys_needed, solved;
+    out (n, kv_heads, group, d); top (n, kv_heads, group, k) logits, unsorted; keep_weights
+    (n, kv_heads, group, J) weights relative to `high`; keep_values (n, kv_heads, J, d);
+    keep_is_sink (n, J); visible (n,).
+    """
+
+    high: torch.Tensor
+    total: torch.Tensor
+    entropy_sum: torch.Tensor
+    atom: torch.Tensor
+    out: torch.Tensor
+    top: torch.Tensor
+    keep_weights: torch.Tensor
+    keep_values: torch.Tensor
+    keep_is_sink: torch.Tensor
+    visible: torch.Tensor
+    solved: torch.Tensor
+    keys_needed: torch.Tensor | None  # rows not `solved` by the top-k; None when all are
 
 
 def row_statistics(
@@ -96,215 +145,256 @@ def row_statistics(
 
     Rows with no visible key, or with non-finite logits, come out as NaN (flagged upstream).
     """
+    return finish([layer_pass(rows, scaling, spec, softcap)], spec)[0]
+
+
+def layer_pass(
+    rows: RowInputs, scaling: float, spec: StatsSpec, softcap: float | None = None
+) -> LayerPartial:
+    """Read one layer's keys and values (the expensive part); `finish` does the rest for all layers at once."""
     n, kv_heads, group, _ = rows.query.shape
     total_keys = rows.key.shape[2]
     kmax = min(max(spec.top_k), total_keys)
-    device = rows.query.device
-    shape = (n, kv_heads, group)
-    running_max = torch.full(shape, -math.inf, device=device)
-    sum_exp = torch.zeros(shape, device=device)
-    sum_xlogx = torch.zeros(shape, device=device)
-    out = torch.zeros((*shape, rows.value.shape[-1]), device=device)
-    top = torch.full((*shape, 0), -math.inf, device=device)
-    last_logits = last_weights = torch.empty(0)
-    for start in range(0, total_keys, spec.chunk_keys):
-        stop = min(start + spec.chunk_keys, total_keys)
-        logits = _logits(rows, start, stop, scaling, softcap)
-        new_max = torch.maximum(running_max, logits.amax(-1))
-        safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
-        # Rescale what was accumulated against the old maximum: e' = e * r, e' log e' = r (e log e - d e).
-        seen = torch.isfinite(running_max)
-        shift = torch.where(seen, running_max - safe_max, torch.zeros_like(safe_max))
-        rescale = torch.where(seen, torch.exp(shift), torch.zeros_like(shift))
-        # log of each weight; masked keys (-inf) are clamped so that 0 * log 0 counts as 0.
-        log_weights = (logits - safe_max[..., None]).clamp_(min=-1e30)
-        weights = torch.exp(log_weights)
-        sum_xlogx = rescale * (sum_xlogx + shift * sum_exp) + torch.linalg.vecdot(
-            weights, log_weights
+    bias = rows.bias.float().clamp(min=_MASKED)[:, None, None, :]
+    logits_of = _Logits(rows.query.float(), rows, bias, scaling, softcap)
+    bounds = chunk_bounds(total_keys, spec.chunk_keys)
+    high = total = entropy_sum = out = top = torch.empty(0)
+    shifted = weights = torch.empty(0)
+    for i, (start, stop) in enumerate(bounds):
+        logits = logits_of(start, stop)
+        chunk_top = logits.topk(min(kmax, stop - start), dim=-1, sorted=False).values
+        chunk_max = logits.amax(-1, keepdim=True)
+        new_high = chunk_max if i == 0 else torch.maximum(high, chunk_max)
+        # In place: the raw logits are not needed again.
+        shifted = logits.sub_(new_high).clamp_(min=_FLOOR)
+        weights = torch.exp(shifted)
+        chunk_sum = weights.sum(-1, keepdim=True)
+        chunk_entropy = torch.linalg.vecdot(weights, shifted)[..., None]
+        chunk_out = torch.matmul(
+            weights, _gather(rows.value, rows.batch_index, start, stop).float()
         )
-        sum_exp = rescale * sum_exp + weights.sum(-1)
-        value = _gather_keys(rows.value, rows.batch_index, start, stop).float()
-        out = rescale[..., None] * out + torch.matmul(weights, value)
-        chunk_top = logits.topk(min(kmax, stop - start), dim=-1).values
-        merged = torch.cat([top, chunk_top], dim=-1)
-        top = merged.topk(min(kmax, merged.shape[-1]), dim=-1).values
-        running_max = new_max
-        last_logits, last_weights = logits, weights
-    safe_max = torch.where(torch.isfinite(running_max), running_max, torch.zeros_like(running_max))
-    total = sum_exp
-    xlogx = sum_xlogx
-    sink_atom = torch.zeros_like(total)
-    if rows.sinks is not None:
-        atom = torch.exp(rows.sinks.float().reshape(1, kv_heads, group) - safe_max)
-        sink_atom = atom.expand_as(total)
-        total = total + sink_atom
-        xlogx = xlogx + torch.special.xlogy(sink_atom, sink_atom)
-    lse = safe_max + torch.log(total)
-    entropy = torch.log(total) - xlogx / total
-    output = out / total[..., None]
-
-    probs_top = torch.exp(top - lse[..., None])
-    cum_top = probs_top.cumsum(-1)
-    result: dict[str, torch.Tensor] = {"entropy_nats": entropy}
-    for k in spec.top_k:
-        result[top_k_stat(k)] = cum_top[..., min(k, kmax) - 1]
-
-    key_mass = 1.0 - sink_atom / total
-    target = spec.mass_target * key_mass
-    keys_needed = _keys_for_target(
-        rows,
-        scaling,
-        softcap,
-        spec,
-        cum_top,
-        target,
-        lse,
-        running_max,
-        (last_logits, last_weights, total),
+        if i == 0:
+            total, entropy_sum, out, top = chunk_sum, chunk_entropy, chunk_out, chunk_top
+        else:
+            # Rescale to the new maximum: e' = e * r, e' log e' = r (e log e + d e), d = log r.
+            shift = high - new_high
+            rescale = torch.exp(shift)
+            entropy_sum = rescale * (entropy_sum + shift * total) + chunk_entropy
+            total = rescale * total + chunk_sum
+            out = rescale * out + chunk_out
+            merged = torch.cat([top, chunk_top], dim=-1)
+            top = merged.topk(min(kmax, merged.shape[-1]), dim=-1, sorted=False).values
+        high = new_high
+    if rows.sinks is None:
+        atom = torch.zeros_like(total)
+    else:
+        atom = torch.exp(rows.sinks.float().reshape(1, kv_heads, group, 1) - high)
+        total = total + atom
+        entropy_sum = entropy_sum + torch.special.xlogy(atom, atom)
+    visible = (rows.bias > -math.inf).sum(-1) if rows.visible is None else rows.visible
+    # Does the top-k hold the mass target? (a host sync, on measured rows only)
+    goal = spec.mass_target * (1 - _MASS_SLACK)
+    target = total * goal if rows.sinks is None else (total - atom).mul_(goal)
+    held = torch.exp(top - high).sum(-1, keepdim=True)
+    # Rows without visible keys or with NaN weights need no count: they come out as NaN.
+    solved = (
+        (held >= target).logical_or_(total.isnan()).logical_or_((visible == 0).reshape(n, 1, 1, 1))
     )
-    result["keys_for_90pct"] = keys_needed
+    keys_needed = None
+    if not bool(solved.all()):
+        keys_needed = _keys_for_target(logits_of, bounds, target, high, (shifted, weights), solved)
+    if len(bounds) == 1:
+        index = rows.keep_index.reshape(n, 1, 1, -1).expand(n, kv_heads, group, -1)
+        keep_weights = torch.gather(weights, -1, index)
+        keep_weights.masked_fill_(~rows.keep_valid.reshape(n, 1, 1, -1), 0.0)
+    else:
+        keep_weights = _keep_weights(rows, logits_of, high)
+    batch = rows.batch_index[:, None].expand_as(rows.keep_index)
+    keep_values = rows.value[batch, :, rows.keep_index].transpose(1, 2).float()
+    return LayerPartial(
+        high, total, entropy_sum, atom, out, top, keep_weights, keep_values,
+        rows.keep_is_sink, visible, solved, keys_needed,
+    )  # fmt: skip
 
-    sink_mass, recent_mass, kept_output, kept_mass = _keep_set(rows, scaling, softcap, lse)
-    result["sink_mass"] = sink_mass
-    result["recent_mass"] = recent_mass
+
+def _pad(tensors: list[torch.Tensor], value: float | bool, dim: int = -1) -> torch.Tensor:
+    """Stack along a new first dim, padding `dim` to the widest with `value`."""
+    width = max(t.shape[dim] for t in tensors)
+    if any(t.shape[dim] != width for t in tensors):
+        tensors = [
+            torch.cat(
+                [t, t.new_full((*t.shape[:dim], width - t.shape[dim], *t.shape[dim:][1:]), value)],
+                dim,
+            )
+            for t in tensors
+        ]
+    return torch.stack(tensors)
+
+
+def finish(partials: list[LayerPartial], spec: StatsSpec) -> list[dict[str, torch.Tensor]]:
+    """Return the statistics of each layer's partial, computed for all layers at once.
+
+    All partials come from one measured pass (same rows and heads); top-k widths and keep-set
+    sizes may differ between layers and are padded (zero weight), which changes no sum.
+    """
+    if len({(p.out.shape, p.keep_values.shape[-1]) for p in partials}) > 1:
+        return [finish([p], spec)[0] for p in partials]
+    layers = len(partials)
+    n, kv_heads, group, _ = partials[0].out.shape
+    high = torch.stack([p.high for p in partials])
+    total = torch.stack([p.total for p in partials])
+    log_total = torch.log(total)
+    lse = high + log_total
+    entropy = log_total - torch.stack([p.entropy_sum for p in partials]) / total
+    output = torch.stack([p.out for p in partials]) / total
+    top = _pad([p.top for p in partials], -math.inf)
+    cum_top = torch.exp(top.sort(dim=-1, descending=True).values - lse).cumsum(-1)
+    top_masses = cum_top[..., [min(k, top.shape[-1]) - 1 for k in spec.top_k]]
+    atom_share = torch.stack([p.atom for p in partials]) / total
+    target = (1 - atom_share).mul_(spec.mass_target * (1 - _MASS_SLACK))
+    # Rows solved by the top-k need at most its width (guards a last-ulp disagreement of the sums).
+    keys_needed = (
+        (cum_top < target).sum(-1, keepdim=True).clamp_(max=top.shape[-1] - 1).float().add_(1.0)
+    )
+    if any(p.keys_needed is not None for p in partials):
+        refined = torch.stack(
+            [
+                keys_needed[i] if p.keys_needed is None else p.keys_needed
+                for i, p in enumerate(partials)
+            ]
+        )
+        keys_needed = torch.where(torch.stack([p.solved for p in partials]), keys_needed, refined)
+    keep = _pad([p.keep_weights for p in partials], 0.0) / total
+    keep_values = _pad([p.keep_values for p in partials], 0.0, dim=-2)
+    is_sink = _pad([p.keep_is_sink for p in partials], False).reshape(layers, n, 1, -1, 1)
+    sink_mass = torch.matmul(keep, is_sink.to(keep.dtype))
+    kept_mass = keep.sum(-1, keepdim=True)
     # Renormalise over the kept keys (and the learned sink atom, which is never evicted).
-    kept = kept_output / (kept_mass + sink_atom / total)[..., None]
-    result["eviction_error"] = torch.linalg.vector_norm(
-        output - kept, dim=-1
-    ) / torch.linalg.vector_norm(output, dim=-1)
-    visible = torch.isfinite(rows.bias).sum(-1)
-    bad = ~torch.isfinite(running_max) | ~torch.isfinite(lse)
-    flat: dict[str, torch.Tensor] = {}
-    for name, value in result.items():
-        value = value.float().masked_fill(bad, math.nan)
-        flat[name] = value.reshape(n, kv_heads * group)
-    flat["visible_keys"] = visible
-    return flat
+    kept = torch.matmul(keep, keep_values) / (kept_mass + atom_share)
+    eviction = torch.linalg.vector_norm(output - kept, dim=-1, keepdim=True)
+    eviction = eviction / torch.linalg.vector_norm(output, dim=-1, keepdim=True)
+    visible = torch.stack([p.visible for p in partials])
+    bad = ~(lse.abs() < math.inf) | (visible == 0).reshape(layers, n, 1, 1, 1)
+    names = ["entropy_nats", *(top_k_stat(k) for k in spec.top_k)]
+    names += ["keys_for_90pct", "sink_mass", "recent_mass", "eviction_error"]
+    parts = [entropy, top_masses, keys_needed, sink_mass, kept_mass - sink_mass, eviction]
+    stacked = torch.cat(parts, dim=-1).masked_fill_(bad, math.nan)
+    stacked = stacked.reshape(layers, n, kv_heads * group, -1)
+    results = []
+    for layer, values in enumerate(stacked.unbind(0)):
+        flat = dict(zip(names, values.unbind(-1), strict=True))
+        flat["visible_keys"] = visible[layer]
+        results.append(flat)
+    return results
 
 
-def _keep_set(
-    rows: RowInputs, scaling: float, softcap: float | None, lse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return sink mass, recent mass, sum p v over the keep-set and its mass, from S + R keys."""
+def _keep_weights(rows: RowInputs, logits_of: _Logits, high: torch.Tensor) -> torch.Tensor:
+    """Return (n, kv_heads, group, J) keep-set weights relative to `high`, recomputing its S + R logits."""
     index = rows.keep_index
     n = index.shape[0]
     batch = rows.batch_index[:, None].expand_as(index)
-    keys = rows.key[batch, :, index].permute(0, 2, 1, 3).float()  # (n, kv_heads, J, d)
-    values = rows.value[batch, :, index].permute(0, 2, 1, 3).float()
-    logits = torch.matmul(rows.query.float(), keys.transpose(-1, -2)) * scaling
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    bias = torch.gather(rows.bias, 1, index)
-    bias = bias.masked_fill(~rows.keep_valid, -math.inf)
-    probs = torch.exp(logits + bias[:, None, None, :] - lse[..., None])
-    is_sink = rows.keep_is_sink.reshape(n, 1, 1, -1).to(probs.dtype)
-    sink = (probs * is_sink).sum(-1)
-    mass = probs.sum(-1)
-    return sink, mass - sink, torch.matmul(probs, values), mass
+    keys = rows.key[batch, :, index].transpose(1, 2).float()  # (n, kv_heads, J, d)
+    logits = torch.matmul(logits_of.query, keys.transpose(-1, -2)).mul_(logits_of.scaling)
+    if logits_of.softcap is not None:
+        logits = torch.tanh(logits.div_(logits_of.softcap)).mul_(logits_of.softcap)
+    bias = torch.gather(rows.bias.float(), 1, index).masked_fill_(~rows.keep_valid, -math.inf)
+    return torch.exp(logits.add_(bias.reshape(n, 1, 1, -1)).sub_(high))
 
 
 def _keys_for_target(
-    rows: RowInputs,
-    scaling: float,
-    softcap: float | None,
-    spec: StatsSpec,
-    cum_top: torch.Tensor,
+    logits_of: _Logits,
+    bounds: list[tuple[int, int]],
     target: torch.Tensor,
-    lse: torch.Tensor,
     high: torch.Tensor,
-    cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    last: tuple[torch.Tensor, torch.Tensor],
+    solved: torch.Tensor,
 ) -> torch.Tensor:
-    """Return the smallest number of keys (largest first) whose mass reaches `target`, as float.
+    """Return (n, kv_heads, group, 1): the fewest keys (largest first) whose weight reaches `target`.
 
-    `cached` holds the logits, unnormalised weights and their total from pass 1 (the whole row when
-    one chunk covers it, which saves recomputing them).
+    `last` holds the shifted logits and weights of pass 1's last chunk, which need no recompute.
     """
-    if cum_top.shape[-1] == 0:
-        return torch.full_like(target, math.nan)
-    reached = cum_top >= (target * (1 - _MASS_SLACK))[..., None]
-    from_top = (~reached).sum(-1).float() + 1.0
-    solved = reached[..., -1]
-    # Peaked heads are answered by the top-k already: no extra pass (a host sync on measured passes only).
-    if bool(solved.all()):
-        return from_top
-    total_keys = rows.key.shape[2]
-    one_chunk = total_keys <= spec.chunk_keys
 
-    def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if one_chunk:
-            logits, weights, total = cached
-            yield logits, weights / total[..., None]
-            return
-        for start in range(0, total_keys, spec.chunk_keys):
-            logits = _logits(
-                rows, start, min(start + spec.chunk_keys, total_keys), scaling, softcap
-            )
-            yield logits, torch.exp(logits - lse[..., None])
+    def shifted_weights(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i == len(bounds) - 1:
+            return last
+        shifted = logits_of(*bounds[i]).sub_(high).clamp_(min=_FLOOR)
+        return shifted, torch.exp(shifted)
 
-    refined = _select(chunks, target, lse, high, solved)
-    return torch.where(solved, from_top, refined)
+    return _select(shifted_weights, len(bounds), target, solved)
 
 
-def _bin_of(logits: torch.Tensor, top: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
-    """Return the bin index of each logit, 0 for the largest, clamped to [0, bins)."""
-    raw = (top[..., None] - logits).mul_(1.0 / width[..., None])
-    # Non-negative, so truncation is floor; masked keys (inf) and NaN land in the last bin.
-    return raw.nan_to_num_(nan=_BINS - 1, posinf=_BINS - 1).clamp_(0, _BINS - 1).long()
+def _bins(shifted: torch.Tensor) -> torch.Tensor:
+    """Return the histogram bin of each shifted logit (<= 0), 0 for the largest, clamped to [0, bins)."""
+    raw = shifted.mul(-_BINS / _RANGE).nan_to_num_(nan=_BINS - 1).clamp_(0, _BINS - 1)
+    return raw.long()  # non-negative: truncation is floor
 
 
 def _select(
-    chunks: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+    shifted_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    chunk_count: int,
     target: torch.Tensor,
-    lse: torch.Tensor,
-    high: torch.Tensor,
     solved: torch.Tensor,
 ) -> torch.Tensor:
-    """Count the largest keys reaching `target`: one histogram pass, then the crossing bin sorted.
+    """Count the largest keys reaching `target` (in weight units): a histogram, then the crossing bin sorted.
 
-    Pass 1: a histogram of mass and count over logits in [max - 88, max] (below that, float32
-    probabilities are 0). Pass 2 takes the keys of the bin where the cumulative mass crosses the
-    target, sorts them exactly (a masked top-k of the bin's largest count) and counts within it.
-    When that bin holds more than `_MAX_SORTED` keys (near-ties), its keys are counted as equal:
-    their logits differ by less than the bin width (88 / 4096 nats).
+    Pass 1: a float64 histogram of weight over logits in [max - 88, max] (below that, float32
+    weights are 0). Pass 2 takes the keys of the bin where the cumulative weight crosses the
+    target (rows already `solved` are skipped), sorts their weights and counts within it. When
+    that bin holds more than `_MAX_SORTED` keys (near-ties), its keys are counted as equal: their
+    logits differ by less than the bin width (88 / 4096 nats).
     """
-    width = torch.full_like(high, _RANGE / _BINS)
-    top = torch.where(torch.isfinite(high), high, torch.zeros_like(high))
     target = target.double()
-    mass = torch.zeros((*target.shape, _BINS), device=target.device, dtype=torch.float64)
-    count = torch.zeros_like(mass, dtype=torch.float32)  # exact up to 2**24 keys a bin
-    one = torch.ones((1,) * mass.dim(), device=mass.device)
-    kept_bins: list[torch.Tensor] = []
-    for logits, probs in chunks():
-        bins = _bin_of(logits, top, width)
-        mass.scatter_add_(-1, bins, probs.double())
-        # Masked keys (logit -inf) land in the last bin, which never holds the 90% crossing.
-        count.scatter_add_(-1, bins, one.expand_as(bins))
-        if not kept_bins:
-            kept_bins.append(bins)
-        else:
-            kept_bins.append(torch.empty(0))
+    mass = target.new_zeros((*target.shape[:-1], _BINS))
+    last_bins = torch.empty(0)
+    for i in range(chunk_count):
+        shifted, weights = shifted_weights(i)
+        last_bins = _bins(shifted)
+        mass.scatter_add_(-1, last_bins, weights.double())
     cum_mass = mass.cumsum(-1)
-    crossing = (cum_mass < target[..., None]).sum(-1).clamp(max=_BINS - 1)
-    before = (crossing - 1).clamp(min=0)[..., None]
-    has_before = (crossing > 0).double()
-    mass_above = cum_mass.gather(-1, before).squeeze(-1) * has_before
-    count_above = count.double().cumsum(-1).gather(-1, before).squeeze(-1) * has_before
-    bin_mass = mass.gather(-1, crossing[..., None]).squeeze(-1)
-    bin_count = count.double().gather(-1, crossing[..., None]).squeeze(-1)
-    widest = int(torch.where(solved, torch.zeros_like(bin_count), bin_count).max())
-    if widest > _MAX_SORTED:
-        per_key = bin_mass / bin_count.clamp(min=1)
+    crossing = (cum_mass < target).sum(-1, keepdim=True).clamp_(max=_BINS - 1)
+    mass_above = cum_mass.gather(-1, (crossing - 1).clamp_(min=0)).masked_fill_(crossing == 0, 0.0)
+    crossing.masked_fill_(solved, _BINS)  # no key lands in bin _BINS: solved rows select nothing
+    count_above = torch.zeros_like(crossing)
+    bin_count = torch.zeros_like(crossing)
+    picked: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for i in range(chunk_count):
+        if i == chunk_count - 1:
+            weights, bins = shifted_weights(i)[1], last_bins
+        else:
+            shifted, weights = shifted_weights(i)
+            bins = _bins(shifted)
+        inside = bins == crossing
+        count_above += (bins < crossing).sum(-1, keepdim=True)
+        counts = inside.sum(-1, keepdim=True)
+        bin_count += counts
+        if int(bin_count.max()) <= _MAX_SORTED:
+            # A masked top-k would be slow here (std::partial_sort over many equal fill values).
+            picked.append((weights[inside], counts.reshape(-1)))
+    if int(bin_count.max()) > _MAX_SORTED:
+        per_key = mass.gather(-1, crossing.clamp(max=_BINS - 1)) / bin_count.clamp(min=1)
         needed = torch.ceil((target - mass_above) / per_key.clamp(min=1e-300) * (1 - 1e-9))
         return (count_above + needed.clamp(min=1).minimum(bin_count.clamp(min=1))).float()
-    inside: torch.Tensor | None = None
-    one_pass = len(kept_bins) == 1
-    for logits, _ in chunks():
-        bins = kept_bins[0] if one_pass else _bin_of(logits, top, width)
-        picked = torch.where(bins == crossing[..., None], logits, -math.inf)
-        merged = picked if inside is None else torch.cat([inside, picked], dim=-1)
-        inside = merged.topk(min(max(widest, 1), merged.shape[-1]), dim=-1).values
-    if inside is None:
-        return torch.full_like(high, math.nan)
-    cum_inside = mass_above[..., None] + torch.exp(inside - lse[..., None]).double().cumsum(-1)
-    needed = (cum_inside < (target * (1 - _MASS_SLACK))[..., None]).sum(-1).double() + 1
+    sorted_bins = _sorted_rows(picked, bin_count.reshape(-1))
+    cum_inside = sorted_bins.cumsum(-1).reshape(*target.shape[:-1], -1).add_(mass_above)
+    needed = (cum_inside < target).sum(-1, keepdim=True).add_(1)
     return (count_above + needed.minimum(bin_count.clamp(min=1))).float()
+
+
+def _sorted_rows(
+    picked: list[tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor
+) -> torch.Tensor:
+    """Return (rows, widest) float64: each row's picked weights in descending order, zero-padded.
+
+    picked: per chunk, the selected weights (grouped by row, in row order) and the count per row.
+    """
+    rows = torch.arange(counts.shape[0], device=counts.device)
+    values = torch.cat([v for v, _ in picked])
+    row = torch.cat([torch.repeat_interleave(rows, c) for _, c in picked])
+    if len(picked) > 1:  # regroup the chunks' pieces by row
+        order = torch.argsort(row, stable=True)
+        values, row = values[order], row[order]
+    starts = counts.cumsum(0) - counts
+    position = torch.arange(values.shape[0], device=values.device) - starts[row]
+    table = values.new_zeros((counts.shape[0], max(1, int(counts.max()))), dtype=torch.float64)
+    table[row, position] = values.double()
+    return table.sort(-1, descending=True).values
