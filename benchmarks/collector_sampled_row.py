@@ -22,6 +22,7 @@ timing is bracketed by `torch.cuda.synchronize()`.
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import sys
 import time
@@ -68,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         intermediate=intermediate, vocab=vocab, device=device, dtype=dtype,
     )  # fmt: skip
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    # transformers renamed `past_key_values` to `cache` in 5.2x; an unknown keyword would be
+    # swallowed by **kwargs and the step would run with no cache at all
+    cache_kw = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
     torch.manual_seed(1)
     rows = {}
     with torch.no_grad():
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             ) -> float:
                 synchronize()
                 started = time.perf_counter()
-                model(token, cache=cache, position_ids=position, use_cache=True)
+                model(token, position_ids=position, use_cache=True, **{cache_kw: cache})
                 synchronize()
                 elapsed = time.perf_counter() - started
                 cache.crop(-1)
@@ -108,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             plain, measured, stats = plain[1:], measured[1:], stats[1:]  # first run warms up
             if not (sink.messages and sink.messages[-1].valid.all()):
                 raise RuntimeError("the measured row produced no valid message")
+            if sink.messages[-1].context_tokens != context + 1:
+                raise RuntimeError(
+                    f"expected the measured row to see {context + 1} keys, "
+                    f"got {sink.messages[-1].context_tokens}: the cache was not used"
+                )
             decode = statistics.median(plain)
             row = statistics.median(stats)
             rows[str(context)] = {

@@ -136,12 +136,25 @@ def synthetic_text(chars: int, seed: int) -> str:
     return " ".join(sentences)
 
 
+# Answers of the form "to find the <adjective> <noun> and say <word>" open with template words a
+# model predicts without looking back; the question takes them, so that it ends where retrieval
+# starts and the last prompt token is the one whose attention goes to the needle.
+_TEMPLATE_OPENING = " to find the"
+
+
 def random_fact(rng: np.random.Generator) -> tuple[str, str, str]:
-    """Return (fact, question, answer) in the training task's form "<subject> is <answer>."."""
+    """Return (fact, question, answer) in the training task's form "<subject> is <answer>.".
+
+    The question ends just before the first answer word that only the fact can tell.
+    """
     from headwatch.training.tasks import random_needle
 
     needle = random_needle(rng)
-    return needle.fact, needle.question, needle.answer
+    question, answer = needle.question, needle.answer
+    if answer.startswith(_TEMPLATE_OPENING + " "):
+        question += _TEMPLATE_OPENING
+        answer = answer[len(_TEMPLATE_OPENING) :]
+    return needle.fact, question, answer
 
 
 class PromptMaker:

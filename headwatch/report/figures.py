@@ -241,7 +241,9 @@ def pattern_rows(
                 alpha=0.25,
                 label="needle",
             )
-        ax.set_xlim(-0.5, n - 0.5)
+        # a margin on both sides: a sink at key 0 or the current token would sit on the frame
+        pad = max(2.0, 0.015 * n)
+        ax.set_xlim(-pad, n - 1 + pad)
         ax.set_ylim(0, max(float(p.max()) * 1.05, 1e-3))
         ax.set_xlabel("key position (token)")
         ax.set_ylabel("attention probability")

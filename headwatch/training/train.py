@@ -69,7 +69,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="train on the *.txt files under this folder instead of the Debian sources",
     )
     p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--mlp", type=int, default=688)
     p.add_argument("--heads", type=int, default=8)

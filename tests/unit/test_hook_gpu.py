@@ -49,7 +49,10 @@ def test_unsampled_passes_add_no_synchronisation() -> None:
         with torch.no_grad():
             out = gpu(ids, attention_mask=mask, use_cache=True)
             step = torch.ones(2, 1, dtype=ids.dtype, device="cuda")
-            gpu(step, attention_mask=torch.cat([mask, torch.ones_like(step)], 1), cache=out.cache)
+            # transformers renamed `past_key_values` to `cache` in 5.2x; accept either
+            name = "cache" if hasattr(out, "cache") else "past_key_values"
+            cache = {name: getattr(out, name)}
+            gpu(step, attention_mask=torch.cat([mask, torch.ones_like(step)], 1), **cache)
 
     passes()  # warm-up
     plain = count_syncs(passes)

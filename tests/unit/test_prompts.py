@@ -36,14 +36,23 @@ def test_needle_sits_at_its_depth_and_the_prompt_ends_with_its_question(
     assert len(p.ids) == 1024
     fact = bytes(t - 3 for t in p.ids[p.needle_start : p.needle_end]).decode()
     assert " is " in fact and fact.strip().endswith(".")
-    question = fact.split(" is ")[0]
-    assert (
-        bytes(t - 3 for t in p.ids[-len(question) - 3 :])
-        .decode()
-        .endswith(question.strip() + " is")
-    )
-    hay = 1024 - 1 - (p.needle_end - p.needle_start) - len(_encode(" " + question.strip() + " is"))
+    # the question is the fact up to its answer: the prompt stops where retrieval starts
+    question = fact.rstrip()[: -len(p.answer)]
+    assert question.endswith((" is", " is ", " is to find the")), question
+    assert bytes(t - 3 for t in p.ids[-len(question) :]).decode() == question
+    hay = 1024 - 1 - (p.needle_end - p.needle_start) - len(_encode(question))
     assert p.needle_start == 1 + round(depth * hay)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_question_ends_before_the_first_word_only_the_fact_tells(
+    maker: PromptMaker, seed: int
+) -> None:
+    p = maker.needle(256, 0.5, seed=seed)
+    # template words ("to find the") belong to the question, never to the answer
+    assert not p.answer.startswith(" to find the"), p.answer
+    fact = bytes(t - 3 for t in p.ids[p.needle_start : p.needle_end]).decode()
+    assert fact.rstrip().endswith(p.answer)
 
 
 def test_with_answer_appends_the_answer_tokens(maker: PromptMaker) -> None:
