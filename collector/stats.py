@@ -119,8 +119,8 @@ class LayerPartial:
     """What the passes over one layer's keys leave for `finish`: small tensors, no key-sized ones.
 
     Shapes: (n, kv_heads, group, 1) for high, total, entropy_sum, atom, keys_needed, solved;
-    out (n, kv_heads, group, d); top (n, kv_heads, group, k) logits, unsorted; keep_weights
-    (n, kv_heads, group, J) weights relative to `high`; keep_values (n, kv_heads, J, d);
+    out (n, kv_heads, group, d); top (n, kv_heads, group, k) logits, unsorted; keep_logits
+    (n, kv_heads, group, J) keep-set logits minus `high` (-inf where masked); keep_values (n, kv_heads, J, d);
     keep_is_sink (n, J); visible (n,).
     """
 
@@ -130,7 +130,7 @@ class LayerPartial:
     atom: torch.Tensor
     out: torch.Tensor
     top: torch.Tensor
-    keep_weights: torch.Tensor
+    keep_logits: torch.Tensor
     keep_values: torch.Tensor
     keep_is_sink: torch.Tensor
     visible: torch.Tensor
@@ -203,16 +203,11 @@ def layer_pass(
     keys_needed = None
     if not bool(solved.all()):
         keys_needed = _keys_for_target(logits_of, bounds, target, high, (shifted, weights), solved)
-    if len(bounds) == 1:
-        index = rows.keep_index.reshape(n, 1, 1, -1).expand(n, kv_heads, group, -1)
-        keep_weights = torch.gather(weights, -1, index)
-        keep_weights.masked_fill_(~rows.keep_valid.reshape(n, 1, 1, -1), 0.0)
-    else:
-        keep_weights = _keep_weights(rows, logits_of, high)
+    keep_logits = _keep_logits(rows, logits_of, high)
     batch = rows.batch_index[:, None].expand_as(rows.keep_index)
     keep_values = rows.value[batch, :, rows.keep_index].transpose(1, 2).float()
     return LayerPartial(
-        high, total, entropy_sum, atom, out, top, keep_weights, keep_values,
+        high, total, entropy_sum, atom, out, top, keep_logits, keep_values,
         rows.keep_is_sink, visible, solved, keys_needed,
     )  # fmt: skip
 
@@ -264,13 +259,18 @@ def finish(partials: list[LayerPartial], spec: StatsSpec) -> list[dict[str, torc
             ]
         )
         keys_needed = torch.where(torch.stack([p.solved for p in partials]), keys_needed, refined)
-    keep = _pad([p.keep_weights for p in partials], 0.0) / total
-    keep_values = _pad([p.keep_values for p in partials], 0.0, dim=-2)
+    keep_logits = _pad([p.keep_logits for p in partials], -math.inf)
+    keep = torch.exp(keep_logits - log_total)
     is_sink = _pad([p.keep_is_sink for p in partials], False).reshape(layers, n, 1, -1, 1)
     sink_mass = torch.matmul(keep, is_sink.to(keep.dtype))
     kept_mass = keep.sum(-1, keepdim=True)
-    # Renormalise over the kept keys (and the learned sink atom, which is never evicted).
-    kept = torch.matmul(keep, keep_values) / (kept_mass + atom_share)
+    # Renormalise over the kept keys (and the learned sink atom, which is never evicted), scaled
+    # by the keep-set's own largest weight: exact even when all of it lies far below the maximum.
+    keep_high = keep_logits.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)
+    relative = torch.exp(keep_logits - keep_high)
+    atom_relative = torch.exp(torch.log(torch.stack([p.atom for p in partials])) - keep_high)
+    kept = torch.matmul(relative, _pad([p.keep_values for p in partials], 0.0, dim=-2))
+    kept = kept / (relative.sum(-1, keepdim=True) + atom_relative)
     eviction = torch.linalg.vector_norm(output - kept, dim=-1, keepdim=True)
     eviction = eviction / torch.linalg.vector_norm(output, dim=-1, keepdim=True)
     visible = torch.stack([p.visible for p in partials])
@@ -288,8 +288,8 @@ def finish(partials: list[LayerPartial], spec: StatsSpec) -> list[dict[str, torc
     return results
 
 
-def _keep_weights(rows: RowInputs, logits_of: _Logits, high: torch.Tensor) -> torch.Tensor:
-    """Return (n, kv_heads, group, J) keep-set weights relative to `high`, recomputing its S + R logits."""
+def _keep_logits(rows: RowInputs, logits_of: _Logits, high: torch.Tensor) -> torch.Tensor:
+    """Return (n, kv_heads, group, J) keep-set logits minus `high`, -inf where masked (S + R keys)."""
     index = rows.keep_index
     n = index.shape[0]
     batch = rows.batch_index[:, None].expand_as(index)
@@ -298,7 +298,7 @@ def _keep_weights(rows: RowInputs, logits_of: _Logits, high: torch.Tensor) -> to
     if logits_of.softcap is not None:
         logits = torch.tanh(logits.div_(logits_of.softcap)).mul_(logits_of.softcap)
     bias = torch.gather(rows.bias.float(), 1, index).masked_fill_(~rows.keep_valid, -math.inf)
-    return torch.exp(logits.add_(bias.reshape(n, 1, 1, -1)).sub_(high))
+    return logits.add_(bias.reshape(n, 1, 1, -1)).sub_(high)
 
 
 def _keys_for_target(

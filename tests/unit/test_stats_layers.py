@@ -1,0 +1,102 @@
+"""Statistics of several layers finished together, several rows, mixed heads, chunk layouts."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from collector.stats import RowInputs, StatsSpec, chunk_bounds, finish, layer_pass, row_statistics
+
+
+def make_rows(keys: int, q_scales: list[float], rows: int = 2, seed: int = 0) -> RowInputs:
+    """Rows read different batch entries; each query head has its own scale (peaked or spread)."""
+    generator = torch.Generator().manual_seed(seed)
+    kv_heads, group, d = 2, len(q_scales) // 2, 16
+    scale = torch.tensor(q_scales).reshape(1, kv_heads, group, 1)
+    query = torch.randn(rows, kv_heads, group, d, generator=generator) * scale
+    key = torch.randn(3, kv_heads, keys, d, generator=generator)
+    value = torch.randn(3, kv_heads, keys, d, generator=generator)
+    bias = torch.zeros(rows, keys)
+    bias[1:, : keys // 3] = -math.inf  # the second row sees only the last two thirds
+    sink = torch.arange(4)[None].expand(rows, 4).clone()
+    sink[1:] += keys // 3
+    keep = torch.cat([sink, torch.arange(keys - 8, keys)[None].expand(rows, 8)], 1)
+    is_sink = torch.zeros_like(keep, dtype=torch.bool)
+    is_sink[:, :4] = True
+    return RowInputs(
+        query, key, value, torch.tensor([2, 0])[:rows], bias, keep, is_sink,
+        torch.ones_like(keep, dtype=torch.bool),
+    )  # fmt: skip
+
+
+def direct(rows: RowInputs, scaling: float) -> dict[str, torch.Tensor]:
+    """Float64 reference over every probability: (rows, heads) per statistic."""
+    n, kv_heads, group, _ = rows.query.shape
+    out: dict[str, list[torch.Tensor]] = {}
+    for i in range(n):
+        b = int(rows.batch_index[i])
+        q, k, v = rows.query[i].double(), rows.key[b].double(), rows.value[b].double()
+        logits = torch.einsum("kgd,kjd->kgj", q, k) * scaling + rows.bias[i].double()
+        p = torch.softmax(logits, -1)
+        o = torch.einsum("kgj,kjd->kgd", p, v)
+        keep, is_sink = rows.keep_index[i], rows.keep_is_sink[i]
+        kp = p[..., keep]
+        kept = torch.einsum("kgj,kjd->kgd", kp, v[:, keep]) / kp.sum(-1, keepdim=True)
+        cum = p.sort(-1, descending=True).values.cumsum(-1)
+        values = {
+            "entropy_nats": -torch.special.xlogy(p, p).sum(-1),
+            "sink_mass": kp[..., is_sink].sum(-1),
+            "recent_mass": kp[..., ~is_sink].sum(-1),
+            "top1_mass": cum[..., 0],
+            "top16_mass": cum[..., 15],
+            "top256_mass": cum[..., min(256, cum.shape[-1]) - 1],
+            "eviction_error": (o - kept).norm(dim=-1) / o.norm(dim=-1),
+            "keys_for_90pct": ((cum < 0.9).sum(-1) + 1).double(),
+        }
+        for name, value in values.items():
+            out.setdefault(name, []).append(value.reshape(kv_heads * group))
+    return {name: torch.stack(v) for name, v in out.items()}
+
+
+def assert_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    for name, expected in want.items():
+        tolerance = {"eviction_error": 1e-4, "keys_for_90pct": 0.0}.get(name, 1e-5)
+        torch.testing.assert_close(got[name].double(), expected, atol=tolerance, rtol=0, msg=name)
+
+
+MIXED = [0.2, 4.0, 0.05, 30.0, 1.0, 0.1, 8.0, 0.3]  # spread heads need the histogram, peaked do not
+
+
+@pytest.mark.parametrize("chunk_keys", [300, 1000, 4096], ids=["chunks", "remainder", "one"])
+def test_mixed_heads_and_rows_equal_the_direct_computation(chunk_keys: int) -> None:
+    rows = make_rows(2600, MIXED)
+    got = row_statistics(rows, 0.25, StatsSpec(chunk_keys=chunk_keys))
+    assert_matches(got, direct(rows, 0.25))
+    assert got["visible_keys"].tolist() == [2600, 2600 - 2600 // 3]
+
+
+def test_layers_of_different_lengths_finish_together_as_each_alone() -> None:
+    """Padding the top-k and the keep-set of a short layer changes none of its statistics."""
+    spec = StatsSpec(chunk_keys=500)
+    layers = [make_rows(keys, MIXED, seed=keys) for keys in (3000, 200, 1200)]
+    together = finish([layer_pass(r, 0.25, spec) for r in layers], spec)
+    for rows, got in zip(layers, together, strict=True):
+        assert_matches(got, direct(rows, 0.25))
+
+
+def test_logits_far_below_the_maximum_count_as_zero_mass() -> None:
+    """Keys 100+ nats below the maximum (exp floor) leave every statistic exact."""
+    rows = make_rows(1500, [60.0] * 8)
+    assert_matches(row_statistics(rows, 0.25, StatsSpec()), direct(rows, 0.25))
+
+
+@pytest.mark.parametrize(("keys", "chunk"), [(65537, 65536), (10, 3), (9, 3), (5, 8)])
+def test_chunks_cover_the_keys_with_the_remainder_first(keys: int, chunk: int) -> None:
+    bounds = chunk_bounds(keys, chunk)
+    assert bounds[0][0] == 0 and bounds[-1][1] == keys
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    assert all(0 < stop - start <= chunk for start, stop in bounds)
+    assert all(stop - start == chunk for start, stop in bounds[1:])
