@@ -116,7 +116,7 @@ class AttachHandle:
 def attach(
     model: nn.Module,
     *,
-    sink: Sink | None = None,
+    sink: Sink | str | None = None,
     settings: CollectorSettings | None = None,
     metrics: CollectorMetrics | None = None,
     rng: random.Random | None = None,
@@ -124,9 +124,17 @@ def attach(
 ) -> AttachHandle:
     """Attach the collector to a model and return a handle (a context manager).
 
+    `sink` is a Sink object, or the name of one the settings build ("kafka", "file", "memory").
     Keyword overrides are CollectorSettings fields (e.g. sample_rate=1.0); the rest comes from
     `settings` or `HEADWATCH_COLLECTOR_*` variables. Raises SettingsError or UnsupportedModelError.
     """
+    if isinstance(sink, str):
+        overrides["sink"], sink = sink, None
+    elif sink is not None and not callable(getattr(sink, "publish", None)):
+        raise SettingsError(
+            "sink: expected a Sink (an object with publish() and close(), e.g. MemorySink()) "
+            f"or one of 'kafka', 'file', 'memory', got {type(sink).__name__}"
+        )
     settings = load_settings(settings, **overrides)
     _, modules = check_supported(model)
     num_layers = int(text_config(model).num_hidden_layers)
