@@ -57,11 +57,12 @@ def markdown(safe: Effect, unsafe: Sequence[Effect], total_kv: int, context: str
         )
 
     unsafe_kl = float(np.mean([e.mean_kl_nats for e in unsafe]))
+    larger = sum(e.mean_kl_nats > safe.mean_kl_nats for e in unsafe)
     verdict = (
-        f"The unsafe heads' mean KL is {unsafe_kl / safe.mean_kl_nats:.1f}x the safe heads'."
+        f"The unsafe heads' mean KL is {unsafe_kl / safe.mean_kl_nats:.1f}x the safe heads'; "
         if safe.mean_kl_nats > 1e-12
-        else f"The safe heads' KL is ~0; the unsafe heads' is {unsafe_kl:.3g}."
-    )
+        else f"The safe heads' KL is ~0; the unsafe heads' is {unsafe_kl:.3g}; "
+    ) + f"{larger} of {len(unsafe)} unsafe draws changed the distribution more than the safe heads."
     return "\n".join(
         [
             "| KV heads restricted to sink + recent | KV heads | mean KL, nats/token | perplexity (full -> restricted) | perplexity change | needle answer NLL change, nats |",

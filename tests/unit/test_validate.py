@@ -87,6 +87,7 @@ def test_safe_heads_show_a_smaller_effect_than_unsafe_heads(model: LlamaForCausa
     assert min(e.mean_kl_nats for e in unsafe) > 100 * max(safe.mean_kl_nats, 1e-9)
     table = markdown(safe, unsafe, LAYERS * KV, "Tiny model.")
     assert "marked safe" in table and "| 2 of 4 |" in table
+    assert "2 of 2 unsafe draws changed the distribution more" in table
 
 
 def test_unsafe_draws_have_the_safe_set_size_and_avoid_safe_heads() -> None:
