@@ -131,17 +131,21 @@ class KafkaSink:
                 self._cond.wait(0.1)
             if not self._queue:
                 return
+            # The message leaves the queue but stays charged to it until its in-flight charge is
+            # taken: while it is encoded it is still held, so the count never dips below reality.
             message, size = self._queue.popleft()
-            self._queued_bytes -= size
-            self._gauges(message.header.model_name)
         name = message.header.model_name
+        key = message.header.model_key.encode()
         try:
             data = message.to_bytes()
         except Exception:
             logger.warning("cannot encode a message of %s", name, exc_info=True)
+            self._release_queued(size, name)
             self.metrics.drop(name, "too_large")
             return
+        del message
         if len(data) > MAX_MESSAGE_BYTES:
+            self._release_queued(size, name)
             self.metrics.drop(name, "too_large")
             return
         # Until the send settles kafka-python holds the value, the record batch it was copied into
@@ -149,16 +153,20 @@ class KafkaSink:
         charge = _PRODUCER_COPIES * len(data)
         with self._cond:
             self._in_flight_bytes += charge
+        self._release_queued(size, name)
         try:
-            future = self._producer.send(
-                self.settings.topic, key=message.header.model_key.encode(), value=data
-            )
+            future = self._producer.send(self.settings.topic, key=key, value=data)
         except Exception as exc:
             self._settle(charge, name, ok=False, exc=exc)
             return
-        del data, message  # the callbacks hold only the size
+        del data  # the callbacks hold only the size
         future.add_callback(lambda _meta: self._settle(charge, name, ok=True))
         future.add_errback(lambda exc: self._settle(charge, name, ok=False, exc=exc))
+
+    def _release_queued(self, size: int, name: str) -> None:
+        with self._cond:
+            self._queued_bytes -= size
+            self._gauges(name)
 
     def _settle(self, size: int, name: str, ok: bool, exc: BaseException | None = None) -> None:
         with self._cond:
@@ -187,7 +195,8 @@ class KafkaSink:
             self._closing = True
             left = list(self._queue)
             self._queue.clear()
-            self._queued_bytes = 0
+            # Only what is dropped here: a message being encoded releases its own bytes.
+            self._queued_bytes -= sum(size for _, size in left)
             self._cond.notify_all()
         for message, _ in left:
             self.metrics.drop(message.header.model_name, "closed")
