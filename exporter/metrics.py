@@ -84,12 +84,6 @@ _HEAD_SERIES: tuple[tuple[str, str, str | None, str], ...] = (
     ("headwatch_head_mass_ratio", "Mean probability mass per region", "middle", "mean"),
     ("headwatch_head_normalized_entropy_ratio", "Mean of entropy / ln(visible keys)", None, "mean"),
 )
-# Per-model settings of the collector behind the newest message: the S and R that the eviction
-# errors and verdicts refer to (`headwatch policy --from-metrics` writes them into the policy).
-_MODEL_SETTINGS: tuple[tuple[str, str, str], ...] = (
-    ("headwatch_model_sink_tokens", "Sink tokens S of the keep-set, newest message", "sink_tokens"),
-    ("headwatch_model_recent_tokens", "Recent tokens R of the keep-set, newest message", "recent_tokens"),
-)  # fmt: skip
 _MEAN_CHANNEL = {
     "headwatch_head_entropy_nats": ENTROPY,
     "headwatch_head_normalized_entropy_ratio": NORMALIZED_ENTROPY,
@@ -183,14 +177,12 @@ class HeadwatchCollector(Collector):
         for s in snapshots:
             model = safe_label(s.model_name, self._limits.max_label_chars)
             layers, heads = s.shape
-            model_series = model_fams.count(layers) + len(_MODEL_SETTINGS)
+            model_series = model_fams.count(layers)
             if model_series > left:
                 dropped += model_series + layers * heads * self._limits.head_series_budget
                 continue
             left -= model_series
             model_fams.add(model, s)
-            for name, doc, attr in _MODEL_SETTINGS:
-                family(name, doc, ["model_name"]).add_metric([model], float(getattr(s, attr)))
             labels = _head_labels(layers, heads, s.num_kv_heads)
             ranks = _head_ranks(s)
             included = [r >= 0 for r in ranks]

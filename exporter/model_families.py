@@ -31,6 +31,8 @@ class ModelFamilies:
             "reference": GaugeMetricFamily("headwatch_model_reference_samples", "Sampled rows in the drift reference", labels=m),
             "alpha": GaugeMetricFamily("headwatch_model_drift_alpha", "Per-head threshold of the drift p-value", labels=m),
             "last": GaugeMetricFamily("headwatch_model_last_message_timestamp_seconds", "Producer timestamp of the newest message", labels=m),
+            "sink": GaugeMetricFamily("headwatch_model_sink_tokens", "Sink tokens S of the keep-set, newest message", labels=m),
+            "recent": GaugeMetricFamily("headwatch_model_recent_tokens", "Recent tokens R of the keep-set, newest message", labels=m),
         }  # fmt: skip
         self.messages = CounterMetricFamily(
             "headwatch_model_messages", "Head-stats messages folded in", labels=m
@@ -42,7 +44,7 @@ class ModelFamilies:
     @staticmethod
     def count(layers: int) -> int:
         """Return the series one model adds outside the per-head ones."""
-        return 10 + 2 * len(PATTERNS) + layers * len(PATTERNS) + 1 + len(CONTEXT_BUCKETS) + 3
+        return 12 + 2 * len(PATTERNS) + layers * len(PATTERNS) + 1 + len(CONTEXT_BUCKETS) + 3
 
     def add(self, model: str, s: ModelSnapshot) -> None:
         """Add one model's series."""
@@ -53,6 +55,7 @@ class ModelFamilies:
             ("drifted", int(s.drifted.sum())), ("changed", s.heads_pattern_changed),
             ("window", s.window_samples), ("reference", s.reference_samples),
             ("alpha", s.drift_threshold), ("last", s.last_message_seconds),
+            ("sink", s.sink_tokens), ("recent", s.recent_tokens),
         ):  # fmt: skip
             g[key].add_metric([model], float(value))
         measured = s.valid_counts > 0

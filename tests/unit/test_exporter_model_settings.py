@@ -74,7 +74,7 @@ def test_they_count_against_the_hard_cap_with_the_other_model_series(
     agg = Aggregator(AggregatePolicy(window_samples=64))
     _fold(agg, _factory("m", 4, 64), [1000.0])
     # Room for exactly the model-level series (plus `spare`), none for per-head ones.
-    limits = SeriesLimits(max_series=ModelFamilies.count(LAYERS) + 2 + spare)
+    limits = SeriesLimits(max_series=ModelFamilies.count(LAYERS) + spare)
     registry = _registry(agg, limits)
     sink, recent = _keep_set(registry, "m")
     assert (sink is not None, recent is not None) == (exported, exported)
