@@ -32,6 +32,7 @@ from collector.schema import DEFAULT_TOP_K, top_k_stat
 _BINS = 4096
 _RANGE = 88.0  # exp(-88) is below float32's smallest normal: such keys have probability 0
 _MAX_SORTED = 16384
+_BLOCK = 32
 # Float32 probabilities carry ~1e-7 relative error each: a cumulative mass within this fraction of
 # the target counts as reaching it, so exact ties (e.g. 900 of 1000 equal keys) count exactly.
 _MASS_SLACK = 1e-6
@@ -105,6 +106,28 @@ def _gather(t: torch.Tensor, batch_index: torch.Tensor, start: int, stop: int) -
     return t[batch_index, :, start:stop]
 
 
+def _top_values(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Return (..., k) the k largest logits of each row, unsorted.
+
+    torch's CPU top-k switches from std::nth_element to std::partial_sort at n >= 64 k, which is
+    several times slower on unordered data. There the k-th largest of the 32-key block maxima
+    (k distinct keys reach it) bounds the k-th largest logit from below: only keys at or above it
+    are gathered and ranked.
+    """
+    keys = logits.shape[-1]
+    if keys < 64 * k:
+        return logits.topk(k, dim=-1, sorted=False).values
+    whole = keys // _BLOCK * _BLOCK
+    block_max = logits[..., :whole].unflatten(-1, (whole // _BLOCK, _BLOCK)).amax(-1)
+    bound = block_max.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    above = logits >= bound
+    counts = above.sum(-1).reshape(-1)
+    if int(counts.max()) >= 64 * k:  # ties or masked keys at the bound: no gain
+        return logits.topk(k, dim=-1, sorted=False).values
+    table = _rows_table([(logits[above], counts)], counts, -math.inf)
+    return table.topk(k, dim=-1, sorted=False).values.reshape(*logits.shape[:-1], k)
+
+
 def chunk_bounds(keys: int, chunk_keys: int) -> list[tuple[int, int]]:
     """Return [start, stop) ranges of at most `chunk_keys` keys, the short remainder first."""
     count = max(1, -(-keys // chunk_keys))
@@ -162,7 +185,7 @@ def layer_pass(
     shifted = weights = torch.empty(0)
     for i, (start, stop) in enumerate(bounds):
         logits = logits_of(start, stop)
-        chunk_top = logits.topk(min(kmax, stop - start), dim=-1, sorted=False).values
+        chunk_top = _top_values(logits, min(kmax, stop - start))
         chunk_max = logits.amax(-1, keepdim=True)
         new_high = chunk_max if i == 0 else torch.maximum(high, chunk_max)
         # In place: the raw logits are not needed again.
@@ -201,8 +224,12 @@ def layer_pass(
         (held >= target).logical_or_(total.isnan()).logical_or_((visible == 0).reshape(n, 1, 1, 1))
     )
     keys_needed = None
-    if not bool(solved.all()):
-        keys_needed = _keys_for_target(logits_of, bounds, target, high, (shifted, weights), solved)
+    # One host sync for both questions (measured rows only).
+    all_solved, has_nan = torch.stack([solved.all(), total.isnan().any()]).tolist()
+    if not all_solved:
+        keys_needed = _keys_for_target(
+            logits_of, bounds, target, high, (shifted, weights), solved, has_nan
+        )
     keep_logits = _keep_logits(rows, logits_of, high)
     batch = rows.batch_index[:, None].expand_as(rows.keep_index)
     keep_values = rows.value[batch, :, rows.keep_index].transpose(1, 2).float()
@@ -308,6 +335,7 @@ def _keys_for_target(
     high: torch.Tensor,
     last: tuple[torch.Tensor, torch.Tensor],
     solved: torch.Tensor,
+    has_nan: bool,
 ) -> torch.Tensor:
     """Return (n, kv_heads, group, 1): the fewest keys (largest first) whose weight reaches `target`.
 
@@ -320,12 +348,14 @@ def _keys_for_target(
         shifted = logits_of(*bounds[i]).sub_(high).clamp_(min=_FLOOR)
         return shifted, torch.exp(shifted)
 
-    return _select(shifted_weights, len(bounds), target, solved)
+    return _select(shifted_weights, len(bounds), target, solved, has_nan)
 
 
-def _bins(shifted: torch.Tensor) -> torch.Tensor:
-    """Return the histogram bin of each shifted logit (<= 0), 0 for the largest, clamped to [0, bins)."""
-    raw = shifted.mul(-_BINS / _RANGE).nan_to_num_(nan=_BINS - 1).clamp_(0, _BINS - 1)
+def _bins(shifted: torch.Tensor, has_nan: bool) -> torch.Tensor:
+    """Return the histogram bin of each shifted logit in [_FLOOR, 0]: 0 for the largest, < 4050."""
+    raw = shifted.mul(-_BINS / _RANGE)
+    if has_nan:  # NaN rows come out as NaN anyway; their keys only need a valid bin
+        raw.nan_to_num_(nan=_BINS - 1)
     return raw.long()  # non-negative: truncation is floor
 
 
@@ -334,58 +364,67 @@ def _select(
     chunk_count: int,
     target: torch.Tensor,
     solved: torch.Tensor,
+    has_nan: bool,
 ) -> torch.Tensor:
     """Count the largest keys reaching `target` (in weight units): a histogram, then the crossing bin sorted.
 
-    Pass 1: a float64 histogram of weight over logits in [max - 88, max] (below that, float32
-    weights are 0). Pass 2 takes the keys of the bin where the cumulative weight crosses the
-    target (rows already `solved` are skipped), sorts their weights and counts within it. When
-    that bin holds more than `_MAX_SORTED` keys (near-ties), its keys are counted as equal: their
-    logits differ by less than the bin width (88 / 4096 nats).
+    Pass 1: float64 histograms of weight and of key count over logits in [max - 88, max] (below
+    that, float32 weights are 0). Pass 2 takes the keys of the bin where the cumulative weight
+    crosses the target (rows already `solved` are skipped), sorts their weights and counts within
+    it. When that bin holds more than `_MAX_SORTED` keys (near-ties), its keys are counted as
+    equal: their logits differ by less than the bin width (88 / 4096 nats).
     """
     target = target.double()
     mass = target.new_zeros((*target.shape[:-1], _BINS))
+    count = torch.zeros_like(mass)
     last_bins = torch.empty(0)
     for i in range(chunk_count):
         shifted, weights = shifted_weights(i)
-        last_bins = _bins(shifted)
+        last_bins = _bins(shifted, has_nan)
         mass.scatter_add_(-1, last_bins, weights.double())
+        count.scatter_add_(-1, last_bins, count.new_ones((1,) * count.dim()).expand_as(last_bins))
     cum_mass = mass.cumsum(-1)
     crossing = (cum_mass < target).sum(-1, keepdim=True).clamp_(max=_BINS - 1)
-    mass_above = cum_mass.gather(-1, (crossing - 1).clamp_(min=0)).masked_fill_(crossing == 0, 0.0)
+    before, first = (crossing - 1).clamp_(min=0), crossing == 0
+    mass_above = cum_mass.gather(-1, before).masked_fill_(first, 0.0)
+    count_above = count.cumsum(-1).gather(-1, before).masked_fill_(first, 0.0)
+    bin_count = count.gather(-1, crossing).masked_fill_(solved, 0.0)
+    widest = int(bin_count.max())
+    if widest > _MAX_SORTED:
+        per_key = mass.gather(-1, crossing) / bin_count.clamp(min=1)
+        needed = torch.ceil((target - mass_above) / per_key.clamp(min=1e-300) * (1 - 1e-9))
+        return (count_above + needed.clamp(min=1).minimum(bin_count.clamp(min=1))).float()
     crossing.masked_fill_(solved, _BINS)  # no key lands in bin _BINS: solved rows select nothing
-    count_above = torch.zeros_like(crossing)
-    bin_count = torch.zeros_like(crossing)
     picked: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for i in range(chunk_count):
+    for i in range(chunk_count if widest else 0):
         if i == chunk_count - 1:
             weights, bins = shifted_weights(i)[1], last_bins
         else:
             shifted, weights = shifted_weights(i)
-            bins = _bins(shifted)
+            bins = _bins(shifted, has_nan)
         inside = bins == crossing
-        count_above += (bins < crossing).sum(-1, keepdim=True)
-        counts = inside.sum(-1, keepdim=True)
-        bin_count += counts
-        if int(bin_count.max()) <= _MAX_SORTED:
-            # A masked top-k would be slow here (std::partial_sort over many equal fill values).
-            picked.append((weights[inside], counts.reshape(-1)))
-    if int(bin_count.max()) > _MAX_SORTED:
-        per_key = mass.gather(-1, crossing.clamp(max=_BINS - 1)) / bin_count.clamp(min=1)
-        needed = torch.ceil((target - mass_above) / per_key.clamp(min=1e-300) * (1 - 1e-9))
-        return (count_above + needed.clamp(min=1).minimum(bin_count.clamp(min=1))).float()
-    sorted_bins = _sorted_rows(picked, bin_count.reshape(-1))
-    cum_inside = sorted_bins.cumsum(-1).reshape(*target.shape[:-1], -1).add_(mass_above)
+        counts = bin_count if chunk_count == 1 else inside.sum(-1, keepdim=True)
+        # A masked top-k would be slow here (std::partial_sort over many equal fill values).
+        picked.append((weights[inside], counts.reshape(-1).long()))
+    if not picked:
+        return count_above.add_(1.0).float()
+    table = _rows_table(picked, bin_count.reshape(-1).long(), 0.0).double()
+    cum_inside = (
+        table.sort(-1, descending=True)
+        .values.cumsum(-1)
+        .reshape(*target.shape[:-1], -1)
+        .add_(mass_above)
+    )
     needed = (cum_inside < target).sum(-1, keepdim=True).add_(1)
     return (count_above + needed.minimum(bin_count.clamp(min=1))).float()
 
 
-def _sorted_rows(
-    picked: list[tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor
+def _rows_table(
+    picked: list[tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor, fill: float
 ) -> torch.Tensor:
-    """Return (rows, widest) float64: each row's picked weights in descending order, zero-padded.
+    """Return (rows, widest): each row's picked values (in their order), padded with `fill`.
 
-    picked: per chunk, the selected weights (grouped by row, in row order) and the count per row.
+    picked: per chunk, the selected values (grouped by row, in row order) and the count per row.
     """
     rows = torch.arange(counts.shape[0], device=counts.device)
     values = torch.cat([v for v, _ in picked])
@@ -395,6 +434,6 @@ def _sorted_rows(
         values, row = values[order], row[order]
     starts = counts.cumsum(0) - counts
     position = torch.arange(values.shape[0], device=values.device) - starts[row]
-    table = values.new_zeros((counts.shape[0], max(1, int(counts.max()))), dtype=torch.float64)
-    table[row, position] = values.double()
-    return table.sort(-1, descending=True).values
+    table = values.new_full((counts.shape[0], max(1, int(counts.max()))), fill)
+    table[row, position] = values
+    return table

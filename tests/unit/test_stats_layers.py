@@ -100,3 +100,13 @@ def test_chunks_cover_the_keys_with_the_remainder_first(keys: int, chunk: int) -
     assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
     assert all(0 < stop - start <= chunk for start, stop in bounds)
     assert all(stop - start == chunk for start, stop in bounds[1:])
+
+
+@pytest.mark.parametrize("masked", [0, 19_000], ids=["all-visible", "few-visible"])
+def test_long_rows_take_the_block_maximum_bound_for_the_top_k(masked: int) -> None:
+    """20,000 keys (>= 64 x 256): the top-k is gathered above a bound, or directly when masked keys tie."""
+    rows = make_rows(20_000, MIXED)
+    rows.bias[:, :masked] = -math.inf
+    keep = rows.keep_index
+    keep[:, :4] = torch.arange(masked, masked + 4)
+    assert_matches(row_statistics(rows, 0.25, StatsSpec()), direct(rows, 0.25))
