@@ -51,7 +51,7 @@ class PassPlan:
     stats_seconds: float = 0.0
     _keep_cache: dict[tuple[int, int, str], tuple[torch.Tensor, ...]] = field(default_factory=dict)
     # Layers that share key count, window and mask share their bias rows: built once per pass.
-    _bias_cache: dict[tuple[object, ...], tuple[object, torch.Tensor, torch.Tensor]] = field(
+    _bias_cache: dict[tuple[object, ...], tuple[object, torch.Tensor, torch.Tensor, bool]] = field(
         default_factory=dict
     )
     _index_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -203,8 +203,9 @@ def layer_inputs(
     cached = plan._bias_cache.get(cache_key)
     if cached is None:
         bias = _bias_rows(plan, keys, mask, sliding_window, is_causal, device)
-        # The mask is kept with its entry so that its id cannot be reused within the pass.
-        cached = (mask, bias, (bias > -math.inf).sum(-1))
+        # The mask is kept with its entry so that its id cannot be reused within the pass. A host
+        # sync, once per pass and mask: a bias of zeros (nothing masked) is skipped by the statistics.
+        cached = (mask, bias, (bias > -math.inf).sum(-1), not bool(bias.any()))
         plan._bias_cache[cache_key] = cached
     return RowInputs(
         query=picked,
@@ -217,4 +218,5 @@ def layer_inputs(
         keep_valid=keep_valid,
         sinks=sinks,
         visible=cached[2],
+        bias_is_zero=cached[3],
     )

@@ -66,6 +66,7 @@ class RowInputs:
     keep_is_sink: (n, J) bool, keep_valid: (n, J) bool.
     sinks: (kv_heads * group,) learned sink logits (gpt-oss `s_aux`) or None.
     visible: (n,) number of visible keys (the finite entries of bias), or None to count them here.
+    bias_is_zero: True when bias is 0 everywhere (nothing masked, no additive term): skipped.
     """
 
     query: torch.Tensor
@@ -78,25 +79,25 @@ class RowInputs:
     keep_valid: torch.Tensor
     sinks: torch.Tensor | None = None
     visible: torch.Tensor | None = None
+    bias_is_zero: bool = False
 
 
 @dataclass(frozen=True)
 class _Logits:
     """What computes the logits of a key range: queries, keys, bias (masked keys at `_MASKED`)."""
 
-    query: torch.Tensor  # (n, kv_heads, group, d) float32
+    query: torch.Tensor  # (n, kv_heads, group, d) float32, times the scaling
     rows: RowInputs
-    bias: torch.Tensor  # (n, 1, 1, keys)
-    scaling: float
+    bias: torch.Tensor | None  # (n, 1, 1, keys), None when it is zero
     softcap: float | None
 
     def __call__(self, start: int, stop: int) -> torch.Tensor:
         """Return (n, kv_heads, group, stop - start) float32 logits as the kernel computes them."""
         key = _gather(self.rows.key, self.rows.batch_index, start, stop)
-        logits = torch.matmul(self.query, key.float().transpose(-1, -2)).mul_(self.scaling)
+        logits = torch.matmul(self.query, key.float().transpose(-1, -2))
         if self.softcap is not None:
             logits = torch.tanh(logits.div_(self.softcap)).mul_(self.softcap)
-        return logits.add_(self.bias[..., start:stop])
+        return logits if self.bias is None else logits.add_(self.bias[..., start:stop])
 
 
 def _gather(t: torch.Tensor, batch_index: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -150,7 +151,7 @@ class LayerPartial:
     high: torch.Tensor
     total: torch.Tensor
     entropy_sum: torch.Tensor
-    atom: torch.Tensor
+    atom: torch.Tensor | None  # learned sink weight relative to `high`; None without sinks
     out: torch.Tensor
     top: torch.Tensor
     keep_logits: torch.Tensor
@@ -175,14 +176,14 @@ def layer_pass(
     rows: RowInputs, scaling: float, spec: StatsSpec, softcap: float | None = None
 ) -> LayerPartial:
     """Read one layer's keys and values (the expensive part); `finish` does the rest for all layers at once."""
-    n, kv_heads, group, _ = rows.query.shape
+    _, kv_heads, group, _ = rows.query.shape
     total_keys = rows.key.shape[2]
     kmax = min(max(spec.top_k), total_keys)
-    bias = rows.bias.float().clamp(min=_MASKED)[:, None, None, :]
-    logits_of = _Logits(rows.query.float(), rows, bias, scaling, softcap)
+    bias = None if rows.bias_is_zero else rows.bias.float().clamp(min=_MASKED)[:, None, None, :]
+    # Scaling the few query rows instead of the logits saves a pass over the keys.
+    logits_of = _Logits(rows.query.float() * scaling, rows, bias, softcap)
     bounds = chunk_bounds(total_keys, spec.chunk_keys)
-    high = total = entropy_sum = out = top = torch.empty(0)
-    shifted = weights = torch.empty(0)
+    high = total = entropy_sum = out = top = shifted = weights = rows.query  # set by chunk 0
     for i, (start, stop) in enumerate(bounds):
         logits = logits_of(start, stop)
         chunk_top = _top_values(logits, min(kmax, stop - start))
@@ -208,28 +209,21 @@ def layer_pass(
             merged = torch.cat([top, chunk_top], dim=-1)
             top = merged.topk(min(kmax, merged.shape[-1]), dim=-1, sorted=False).values
         high = new_high
-    if rows.sinks is None:
-        atom = torch.zeros_like(total)
-    else:
+    atom = None
+    if rows.sinks is not None:
         atom = torch.exp(rows.sinks.float().reshape(1, kv_heads, group, 1) - high)
         total = total + atom
         entropy_sum = entropy_sum + torch.special.xlogy(atom, atom)
     visible = (rows.bias > -math.inf).sum(-1) if rows.visible is None else rows.visible
     # Does the top-k hold the mass target? (a host sync, on measured rows only)
     goal = spec.mass_target * (1 - _MASS_SLACK)
-    target = total * goal if rows.sinks is None else (total - atom).mul_(goal)
+    target = total * goal if atom is None else (total - atom).mul_(goal)
     held = torch.exp(top - high).sum(-1, keepdim=True)
-    # Rows without visible keys or with NaN weights need no count: they come out as NaN.
-    solved = (
-        (held >= target).logical_or_(total.isnan()).logical_or_((visible == 0).reshape(n, 1, 1, 1))
-    )
+    # Rows with NaN weights need no count: they come out as NaN.
+    solved = (held >= target).logical_or_(total.isnan())
     keys_needed = None
-    # One host sync for both questions (measured rows only).
-    all_solved, has_nan = torch.stack([solved.all(), total.isnan().any()]).tolist()
-    if not all_solved:
-        keys_needed = _keys_for_target(
-            logits_of, bounds, target, high, (shifted, weights), solved, has_nan
-        )
+    if not bool(solved.all()):
+        keys_needed = _keys_for_target(logits_of, bounds, target, high, (shifted, weights), solved)
     keep_logits = _keep_logits(rows, logits_of, high)
     batch = rows.batch_index[:, None].expand_as(rows.keep_index)
     keep_values = rows.value[batch, :, rows.keep_index].transpose(1, 2).float()
@@ -272,8 +266,13 @@ def finish(partials: list[LayerPartial], spec: StatsSpec) -> list[dict[str, torc
     top = _pad([p.top for p in partials], -math.inf)
     cum_top = torch.exp(top.sort(dim=-1, descending=True).values - lse).cumsum(-1)
     top_masses = cum_top[..., [min(k, top.shape[-1]) - 1 for k in spec.top_k]]
-    atom_share = torch.stack([p.atom for p in partials]) / total
-    target = (1 - atom_share).mul_(spec.mass_target * (1 - _MASS_SLACK))
+    atoms = None
+    if any(p.atom is not None for p in partials):
+        atoms = torch.stack(
+            [torch.zeros_like(p.total) if p.atom is None else p.atom for p in partials]
+        )
+    goal = spec.mass_target * (1 - _MASS_SLACK)
+    target = goal if atoms is None else (1 - atoms / total).mul_(goal)
     # Rows solved by the top-k need at most its width (guards a last-ulp disagreement of the sums).
     keys_needed = (
         (cum_top < target).sum(-1, keepdim=True).clamp_(max=top.shape[-1] - 1).float().add_(1.0)
@@ -295,9 +294,11 @@ def finish(partials: list[LayerPartial], spec: StatsSpec) -> list[dict[str, torc
     # by the keep-set's own largest weight: exact even when all of it lies far below the maximum.
     keep_high = keep_logits.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)
     relative = torch.exp(keep_logits - keep_high)
-    atom_relative = torch.exp(torch.log(torch.stack([p.atom for p in partials])) - keep_high)
     kept = torch.matmul(relative, _pad([p.keep_values for p in partials], 0.0, dim=-2))
-    kept = kept / (relative.sum(-1, keepdim=True) + atom_relative)
+    kept_weight = relative.sum(-1, keepdim=True)
+    if atoms is not None:
+        kept_weight += torch.exp(torch.log(atoms) - keep_high)
+    kept = kept / kept_weight
     eviction = torch.linalg.vector_norm(output - kept, dim=-1, keepdim=True)
     eviction = eviction / torch.linalg.vector_norm(output, dim=-1, keepdim=True)
     visible = torch.stack([p.visible for p in partials])
@@ -321,7 +322,7 @@ def _keep_logits(rows: RowInputs, logits_of: _Logits, high: torch.Tensor) -> tor
     n = index.shape[0]
     batch = rows.batch_index[:, None].expand_as(index)
     keys = rows.key[batch, :, index].transpose(1, 2).float()  # (n, kv_heads, J, d)
-    logits = torch.matmul(logits_of.query, keys.transpose(-1, -2)).mul_(logits_of.scaling)
+    logits = torch.matmul(logits_of.query, keys.transpose(-1, -2))
     if logits_of.softcap is not None:
         logits = torch.tanh(logits.div_(logits_of.softcap)).mul_(logits_of.softcap)
     bias = torch.gather(rows.bias.float(), 1, index).masked_fill_(~rows.keep_valid, -math.inf)
@@ -335,7 +336,6 @@ def _keys_for_target(
     high: torch.Tensor,
     last: tuple[torch.Tensor, torch.Tensor],
     solved: torch.Tensor,
-    has_nan: bool,
 ) -> torch.Tensor:
     """Return (n, kv_heads, group, 1): the fewest keys (largest first) whose weight reaches `target`.
 
@@ -348,7 +348,7 @@ def _keys_for_target(
         shifted = logits_of(*bounds[i]).sub_(high).clamp_(min=_FLOOR)
         return shifted, torch.exp(shifted)
 
-    return _select(shifted_weights, len(bounds), target, solved, has_nan)
+    return _select(shifted_weights, len(bounds), target, solved)
 
 
 def _bins(shifted: torch.Tensor, has_nan: bool) -> torch.Tensor:
@@ -364,7 +364,6 @@ def _select(
     chunk_count: int,
     target: torch.Tensor,
     solved: torch.Tensor,
-    has_nan: bool,
 ) -> torch.Tensor:
     """Count the largest keys reaching `target` (in weight units): a histogram, then the crossing bin sorted.
 
@@ -374,6 +373,7 @@ def _select(
     it. When that bin holds more than `_MAX_SORTED` keys (near-ties), its keys are counted as
     equal: their logits differ by less than the bin width (88 / 4096 nats).
     """
+    has_nan = bool(target.isnan().any())
     target = target.double()
     mass = target.new_zeros((*target.shape[:-1], _BINS))
     count = torch.zeros_like(mass)
@@ -390,10 +390,15 @@ def _select(
     count_above = count.cumsum(-1).gather(-1, before).masked_fill_(first, 0.0)
     bin_count = count.gather(-1, crossing).masked_fill_(solved, 0.0)
     widest = int(bin_count.max())
+    approximate = None
     if widest > _MAX_SORTED:
         per_key = mass.gather(-1, crossing) / bin_count.clamp(min=1)
         needed = torch.ceil((target - mass_above) / per_key.clamp(min=1e-300) * (1 - 1e-9))
-        return (count_above + needed.clamp(min=1).minimum(bin_count.clamp(min=1))).float()
+        approximate = count_above + needed.clamp(min=1).minimum(bin_count.clamp(min=1))
+        wide = bin_count > _MAX_SORTED
+        solved = solved | wide
+        bin_count.masked_fill_(wide, 0.0)
+        widest = int(bin_count.max())
     crossing.masked_fill_(solved, _BINS)  # no key lands in bin _BINS: solved rows select nothing
     picked: list[tuple[torch.Tensor, torch.Tensor]] = []
     for i in range(chunk_count if widest else 0):
@@ -406,17 +411,16 @@ def _select(
         counts = bin_count if chunk_count == 1 else inside.sum(-1, keepdim=True)
         # A masked top-k would be slow here (std::partial_sort over many equal fill values).
         picked.append((weights[inside], counts.reshape(-1).long()))
-    if not picked:
-        return count_above.add_(1.0).float()
-    table = _rows_table(picked, bin_count.reshape(-1).long(), 0.0).double()
-    cum_inside = (
-        table.sort(-1, descending=True)
-        .values.cumsum(-1)
-        .reshape(*target.shape[:-1], -1)
-        .add_(mass_above)
-    )
-    needed = (cum_inside < target).sum(-1, keepdim=True).add_(1)
-    return (count_above + needed.minimum(bin_count.clamp(min=1))).float()
+    exact = count_above + 1
+    if picked:
+        table = _rows_table(picked, bin_count.reshape(-1).long(), 0.0).double()
+        cum_inside = table.sort(-1, descending=True).values.cumsum(-1)
+        cum_inside = cum_inside.reshape(*target.shape[:-1], -1).add_(mass_above)
+        needed = (cum_inside < target).sum(-1, keepdim=True).add_(1)
+        exact = count_above + needed.minimum(bin_count.clamp(min=1))
+    if approximate is not None:
+        exact = torch.where(crossing == _BINS, approximate, exact)
+    return exact.float()
 
 
 def _rows_table(

@@ -110,3 +110,13 @@ def test_long_rows_take_the_block_maximum_bound_for_the_top_k(masked: int) -> No
     keep = rows.keep_index
     keep[:, :4] = torch.arange(masked, masked + 4)
     assert_matches(row_statistics(rows, 0.25, StatsSpec()), direct(rows, 0.25))
+
+
+def test_a_fully_masked_row_leaves_its_neighbours_exact() -> None:
+    """A row without visible keys ties all 20,000 keys in one bin; the other row is still counted exactly."""
+    rows = make_rows(20_000, MIXED)
+    rows.bias[1] = -math.inf
+    got = row_statistics(rows, 0.25, StatsSpec())
+    want = direct(rows, 0.25)
+    assert bool(torch.isnan(got["entropy_nats"][1]).all())
+    assert_matches({k: v[:1] for k, v in got.items()}, {k: v[:1] for k, v in want.items()})
