@@ -13,10 +13,12 @@ Cost and memory (K visible keys, n rows, h query heads, C = `chunk_keys`):
 - the sink+recent keep-set is gathered by index (S + R keys): its masses and the value-aware
   eviction error cost O(S + R);
 - `keys_for_90pct` is read from the top-k when the largest k already holds 90% of the mass (peaked
-  heads: no extra work). Otherwise a 4096-bin histogram of the mass over logits gives the bin where
-  the cumulative mass crosses 90%, and only that bin's keys are sorted. The chunk of pass 1 that
-  is still in memory is reused; chunks are laid out remainder first so that it is a full one, and
-  only the other chunks recompute q.k (keys only, never values).
+  heads: no extra work). Otherwise a 512-bin histogram of the mass over the band of logits that
+  must hold the crossing gives the bin where the cumulative mass crosses 90%, and only that bin's
+  keys are sorted. The chunk of pass 1 that is still in memory is reused; chunks are laid out
+  remainder first so that it is a full one, and only the other chunks recompute q.k (keys only);
+- `finish` does everything that needs no key for all layers of the pass at once (one set of small
+  ops per pass instead of per layer).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import torch
 
 from collector.schema import DEFAULT_TOP_K, top_k_stat
 
-_BINS = 4096
-_RANGE = 88.0  # exp(-88) is below float32's smallest normal: such keys have probability 0
+# Histogram of keys_for_90pct: 512 bins over the band [max - span, max] that must hold the 90%
+# crossing; all keys below it share the last bin (see `_span`).
+_BINS = 512
 _MAX_SORTED = 16384
 _BLOCK = 32
 # Float32 probabilities carry ~1e-7 relative error each: a cumulative mass within this fraction of
@@ -223,7 +226,9 @@ def layer_pass(
     solved = (held >= target).logical_or_(total.isnan())
     keys_needed = None
     if not bool(solved.all()):
-        keys_needed = _keys_for_target(logits_of, bounds, target, high, (shifted, weights), solved)
+        keys_needed = _keys_for_target(
+            logits_of, bounds, target, high, (shifted, weights), solved, goal
+        )
     keep_logits = _keep_logits(rows, logits_of, high)
     batch = rows.batch_index[:, None].expand_as(rows.keep_index)
     keep_values = rows.value[batch, :, rows.keep_index].transpose(1, 2).float()
@@ -336,6 +341,7 @@ def _keys_for_target(
     high: torch.Tensor,
     last: tuple[torch.Tensor, torch.Tensor],
     solved: torch.Tensor,
+    goal: float,
 ) -> torch.Tensor:
     """Return (n, kv_heads, group, 1): the fewest keys (largest first) whose weight reaches `target`.
 
@@ -348,12 +354,22 @@ def _keys_for_target(
         shifted = logits_of(*bounds[i]).sub_(high).clamp_(min=_FLOOR)
         return shifted, torch.exp(shifted)
 
-    return _select(shifted_weights, len(bounds), target, solved)
+    return _select(shifted_weights, len(bounds), target, solved, bounds[-1][1], goal)
 
 
-def _bins(shifted: torch.Tensor, has_nan: bool) -> torch.Tensor:
-    """Return the histogram bin of each shifted logit in [_FLOOR, 0]: 0 for the largest, < 4050."""
-    raw = shifted.mul(-_BINS / _RANGE)
+def _span(keys: int, goal: float) -> float:
+    """Return the width in nats of the band below the maximum that holds the `goal` crossing.
+
+    Weights are relative to the maximum key (weight 1), so the keys more than `span` below it
+    weigh at most keys * exp(-span) in all, less than the (1 - goal) of the mass the target
+    leaves out: the cumulative mass reaches the target inside the band.
+    """
+    return math.log(max(keys, 1) / (1 - goal)) + 1.0
+
+
+def _bins(shifted: torch.Tensor, span: float, has_nan: bool) -> torch.Tensor:
+    """Return the bin of each shifted logit (<= 0): 0 for the largest, the last for all below the band."""
+    raw = shifted.mul(-_BINS / span).clamp_(max=_BINS - 1)
     if has_nan:  # NaN rows come out as NaN anyway; their keys only need a valid bin
         raw.nan_to_num_(nan=_BINS - 1)
     return raw.long()  # non-negative: truncation is floor
@@ -364,15 +380,18 @@ def _select(
     chunk_count: int,
     target: torch.Tensor,
     solved: torch.Tensor,
+    keys: int,
+    goal: float,
 ) -> torch.Tensor:
     """Count the largest keys reaching `target` (in weight units): a histogram, then the crossing bin sorted.
 
-    Pass 1: float64 histograms of weight and of key count over logits in [max - 88, max] (below
-    that, float32 weights are 0). Pass 2 takes the keys of the bin where the cumulative weight
-    crosses the target (rows already `solved` are skipped), sorts their weights and counts within
-    it. When that bin holds more than `_MAX_SORTED` keys (near-ties), its keys are counted as
-    equal: their logits differ by less than the bin width (88 / 4096 nats).
+    Pass 1: float64 histograms of weight and of key count over logits in [max - span, max]
+    (`_span`: 11 nats at 4K keys, 15 at 128K). Pass 2 takes the keys of the bin where the
+    cumulative weight crosses the target (rows already `solved` are skipped), sorts their weights
+    and counts within it. When that bin holds more than `_MAX_SORTED` keys (near-ties), its keys
+    are counted as equal: their logits differ by less than the bin width (span / 512 nats).
     """
+    span = _span(keys, goal)
     has_nan = bool(target.isnan().any())
     target = target.double()
     mass = target.new_zeros((*target.shape[:-1], _BINS))
@@ -380,7 +399,7 @@ def _select(
     last_bins = torch.empty(0)
     for i in range(chunk_count):
         shifted, weights = shifted_weights(i)
-        last_bins = _bins(shifted, has_nan)
+        last_bins = _bins(shifted, span, has_nan)
         mass.scatter_add_(-1, last_bins, weights.double())
         count.scatter_add_(-1, last_bins, count.new_ones((1,) * count.dim()).expand_as(last_bins))
     cum_mass = mass.cumsum(-1)
@@ -406,7 +425,7 @@ def _select(
             weights, bins = shifted_weights(i)[1], last_bins
         else:
             shifted, weights = shifted_weights(i)
-            bins = _bins(shifted, has_nan)
+            bins = _bins(shifted, span, has_nan)
         inside = bins == crossing
         counts = bin_count if chunk_count == 1 else inside.sum(-1, keepdim=True)
         # A masked top-k would be slow here (std::partial_sort over many equal fill values).
