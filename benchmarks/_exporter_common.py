@@ -70,6 +70,29 @@ def produce_raw(bootstrap: str, topic: str, records: list[tuple[bytes, bytes, in
     return time.perf_counter() - started
 
 
+def read_all(bootstrap: str, topic: str) -> float:
+    """Read every record of `topic` once with a plain consumer; return the seconds it took.
+
+    Warms a freshly started broker's fetch path (a cold JVM compiles it on first use, on the same
+    two cores the exporter runs on) so a timed run measures the exporter, not the broker's JIT.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    started = time.perf_counter()
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                             fetch_max_wait_ms=100, max_partition_fetch_bytes=8 << 20)  # fmt: skip
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        ends = consumer.end_offsets(partitions)
+        while any(consumer.position(tp) < end for tp, end in ends.items()):
+            consumer.poll(timeout_ms=1000, max_records=1000)
+    finally:
+        consumer.close()
+    return time.perf_counter() - started
+
+
 def rss_mib() -> float:
     """Return the resident set size of this process in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -8,12 +8,15 @@ with producer timestamps spread over the last hour (not timed). A group then com
 offsets, as a replica that had consumed everything would have. A new ConsumerService with that
 group starts: it seeks back one horizon by timestamp (offsets_for_times) and replays up to the
 committed offset. Reported: the exporter's own rebuild time (headwatch_exporter_rebuild_seconds),
-the messages replayed and the replay rate, and that the rebuilt window holds what it should.
+the messages replayed and the replay rate, the process CPU time from the service's start to the
+end of the rebuild with the load average meanwhile (the machines are shared), and that the
+rebuilt window holds what it should.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import uuid
 
@@ -73,6 +76,7 @@ def main() -> int:
         committer.commit({tp: OffsetAndMetadata(end, "", -1)})
         committer.close()
         settings = service_settings(bootstrap, topic, group, max_poll_records=500)
+        cpu, load_start = time.process_time(), os.getloadavg()[0]
         service, stop, thread = run_service(settings)
         try:
             while service.stats().rebuild_seconds == 0.0 or service.health()["rebuilding"]:
@@ -80,6 +84,7 @@ def main() -> int:
                     raise SystemExit("the consumer stopped")
                 time.sleep(0.05)
             rebuild = service.stats().rebuild_seconds
+            cpu, load_end = time.process_time() - cpu, os.getloadavg()[0]
             snapshot = service.scrape_view()[0]
         finally:
             stop.set()
@@ -93,6 +98,8 @@ def main() -> int:
         "produce_seconds": round(produce_seconds, 1),
         "rebuild_seconds": round(rebuild, 2),
         "replay_messages_per_second": round(count / rebuild),
+        "load_average_1m_during": [round(load_start, 2), round(load_end, 2)],
+        "process_cpu_seconds": round(cpu, 2),
         "window_samples_after": snapshot[0].window_samples if snapshot else 0,
         "counted_again": snapshot[0].messages_total if snapshot else None,
     }
