@@ -65,22 +65,33 @@ def config_hash(config: Mapping[str, Any]) -> str:
 
 def assemble(plan: PassPlan, identity: Identity, layout: Layout) -> list[HeadStatsMessage]:
     """Return one message per measured row of the pass; layers without results are NaN."""
-    if not plan.results:
-        return []
     names = core_stat_names(layout.top_k)
-    layers = [layer for layer in sorted(plan.results) if layer < layout.num_layers]
-    # One host copy for all statistics, layers and rows: (layers, n, heads, stats), then visible keys.
-    per_layer = [
-        torch.stack([plan.results[layer][name].float() for name in names], -1) for layer in layers
-    ]
-    host = torch.stack(per_layer).double().cpu().numpy() if layers else np.zeros((0, 0, 0, 0))
-    visible_host = (
-        torch.stack([plan.results[layer]["visible_keys"] for layer in layers]).cpu().numpy()
-        if layers
-        else np.zeros((0, len(plan.rows)), dtype=np.int64)
-    )
-    heads = host.shape[2] if layers else next(iter(plan.results.values()))[names[0]].shape[-1]
-    skipped = len(plan.results) < layout.num_layers
+    if plan.stacked is not None:
+        finished, values, visible_all = plan.stacked
+        keep = [j for j, layer in enumerate(finished) if layer < layout.num_layers]
+        layers = [finished[j] for j in keep]
+        # One host copy for all statistics, layers and rows: (layers, n, heads, stats).
+        host = values.double().cpu().numpy()[keep]
+        visible_host = visible_all.cpu().numpy()[keep]
+        heads = values.shape[2]
+        count = len(finished)
+    elif plan.results:
+        layers = [layer for layer in sorted(plan.results) if layer < layout.num_layers]
+        per_layer = [
+            torch.stack([plan.results[layer][name].float() for name in names], -1)
+            for layer in layers
+        ]
+        host = torch.stack(per_layer).double().cpu().numpy() if layers else np.zeros((0, 0, 0, 0))
+        visible_host = (
+            torch.stack([plan.results[layer]["visible_keys"] for layer in layers]).cpu().numpy()
+            if layers
+            else np.zeros((0, len(plan.rows)), dtype=np.int64)
+        )
+        heads = host.shape[2] if layers else next(iter(plan.results.values()))[names[0]].shape[-1]
+        count = len(plan.results)
+    else:
+        return []
+    skipped = count < layout.num_layers
     messages = []
     now = time.time()
     for i, row in enumerate(plan.rows):

@@ -47,6 +47,9 @@ class PassPlan:
     rows: list[RowPlan]
     partials: dict[int, LayerPartial] = field(default_factory=dict)
     results: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # The same statistics as one tensor when every layer was finished together: the layers,
+    # (layers, n, heads, stats) in core_stat_names order, and the visible keys (layers, n).
+    stacked: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
     layout: dict[str, int] = field(default_factory=dict)
     stats_seconds: float = 0.0
     _keep_cache: dict[tuple[int, int, str], tuple[torch.Tensor, ...]] = field(default_factory=dict)

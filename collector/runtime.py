@@ -29,7 +29,7 @@ from collector.metrics import CollectorMetrics
 from collector.plan import PassPlan, Phase, layer_inputs, plan_rows
 from collector.sampling import RequestState, Sampler
 from collector.schema import HeadStatsMessage
-from collector.stats import StatsSpec, finish, layer_pass
+from collector.stats import StatsSpec, finish, finish_stacked, layer_pass
 
 logger = logging.getLogger(__name__)
 
@@ -233,8 +233,12 @@ class PassCollector:
             if plan is not None and plan.partials:
                 started = time.perf_counter()
                 layers = sorted(plan.partials)
-                done = finish([plan.partials[layer] for layer in layers], self.spec)
-                plan.results.update(zip(layers, done, strict=True))
+                partials = [plan.partials[layer] for layer in layers]
+                stacked = finish_stacked(partials, self.spec)
+                if stacked is None:
+                    plan.results.update(zip(layers, finish(partials, self.spec), strict=True))
+                else:
+                    plan.stacked = (layers, *stacked)
                 messages = assemble(plan, self.identity, self.layout)
                 self._metrics.sampled.labels(model_name=self.identity.model_name).inc()
                 self._metrics.stats_seconds.labels(model_name=self.identity.model_name).observe(

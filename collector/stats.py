@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from collector.schema import DEFAULT_TOP_K, top_k_stat
+from collector.schema import DEFAULT_TOP_K, core_stat_names
 
 # Histogram of keys_for_90pct: 512 bins over the band [max - span, max] that must hold the 90%
 # crossing; all keys below it share the last bin (see `_span`).
@@ -258,8 +258,26 @@ def finish(partials: list[LayerPartial], spec: StatsSpec) -> list[dict[str, torc
     All partials come from one measured pass (same rows and heads); top-k widths and keep-set
     sizes may differ between layers and are padded (zero weight), which changes no sum.
     """
-    if len({(p.out.shape, p.keep_values.shape[-1]) for p in partials}) > 1:
+    stacked = finish_stacked(partials, spec)
+    if stacked is None:
         return [finish([p], spec)[0] for p in partials]
+    values, visible = stacked
+    names = core_stat_names(spec.top_k)
+    return [
+        {**dict(zip(names, layer.unbind(-1), strict=True)), "visible_keys": visible[i]}
+        for i, layer in enumerate(values.unbind(0))
+    ]
+
+
+def finish_stacked(
+    partials: list[LayerPartial], spec: StatsSpec
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Return (layers, n, heads, stats) float32 in `core_stat_names` order and visible keys (layers, n).
+
+    None when the layers differ in rows, heads or head size (then `finish` takes them one by one).
+    """
+    if len({(p.out.shape, p.keep_values.shape[-1]) for p in partials}) > 1:
+        return None
     layers = len(partials)
     n, kv_heads, group, _ = partials[0].out.shape
     high = torch.stack([p.high for p in partials])
@@ -308,17 +326,10 @@ def finish(partials: list[LayerPartial], spec: StatsSpec) -> list[dict[str, torc
     eviction = eviction / torch.linalg.vector_norm(output, dim=-1, keepdim=True)
     visible = torch.stack([p.visible for p in partials])
     bad = ~(lse.abs() < math.inf) | (visible == 0).reshape(layers, n, 1, 1, 1)
-    names = ["entropy_nats", *(top_k_stat(k) for k in spec.top_k)]
-    names += ["keys_for_90pct", "sink_mass", "recent_mass", "eviction_error"]
-    parts = [entropy, top_masses, keys_needed, sink_mass, kept_mass - sink_mass, eviction]
+    # In core_stat_names order: entropy, sink, recent, top-k masses, keys_for_90pct, eviction.
+    parts = [entropy, sink_mass, kept_mass - sink_mass, top_masses, keys_needed, eviction]
     stacked = torch.cat(parts, dim=-1).masked_fill_(bad, math.nan)
-    stacked = stacked.reshape(layers, n, kv_heads * group, -1)
-    results = []
-    for layer, values in enumerate(stacked.unbind(0)):
-        flat = dict(zip(names, values.unbind(-1), strict=True))
-        flat["visible_keys"] = visible[layer]
-        results.append(flat)
-    return results
+    return stacked.reshape(layers, n, kv_heads * group, -1), visible
 
 
 def _keep_logits(rows: RowInputs, logits_of: _Logits, high: torch.Tensor) -> torch.Tensor:
