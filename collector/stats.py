@@ -406,51 +406,63 @@ def _select(
     has_nan = bool(target.isnan().any())
     target = target.double()
     mass = target.new_zeros((*target.shape[:-1], _BINS))
-    count = torch.zeros_like(mass)
     last_bins = torch.empty(0)
     for i in range(chunk_count):
         shifted, weights = shifted_weights(i)
         last_bins = _bins(shifted, span, has_nan)
         mass.scatter_add_(-1, last_bins, weights.double())
-        count.scatter_add_(-1, last_bins, count.new_ones((1,) * count.dim()).expand_as(last_bins))
     cum_mass = mass.cumsum(-1)
     crossing = (cum_mass < target).sum(-1, keepdim=True).clamp_(max=_BINS - 1)
-    before, first = (crossing - 1).clamp_(min=0), crossing == 0
-    mass_above = cum_mass.gather(-1, before).masked_fill_(first, 0.0)
-    count_above = count.cumsum(-1).gather(-1, before).masked_fill_(first, 0.0)
-    bin_count = count.gather(-1, crossing).masked_fill_(solved, 0.0)
-    widest = int(bin_count.max())
-    approximate = None
-    if widest > _MAX_SORTED:
-        per_key = mass.gather(-1, crossing) / bin_count.clamp(min=1)
-        needed = torch.ceil((target - mass_above) / per_key.clamp(min=1e-300) * (1 - 1e-9))
-        approximate = count_above + needed.clamp(min=1).minimum(bin_count.clamp(min=1))
-        wide = bin_count > _MAX_SORTED
-        solved = solved | wide
-        bin_count.masked_fill_(wide, 0.0)
-        widest = int(bin_count.max())
-    crossing.masked_fill_(solved, _BINS)  # no key lands in bin _BINS: solved rows select nothing
+    mass_above = cum_mass.gather(-1, (crossing - 1).clamp_(min=0)).masked_fill_(crossing == 0, 0.0)
+    # Rows already solved select nothing: no key lands in bin _BINS.
+    unsolved = crossing.masked_fill(solved, _BINS)
+    count_above = torch.zeros_like(crossing)
+    bin_count = torch.zeros_like(crossing)
+    picked_count = torch.zeros_like(crossing)
     picked: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for i in range(chunk_count if widest else 0):
+    for i in range(chunk_count):
         if i == chunk_count - 1:
             weights, bins = shifted_weights(i)[1], last_bins
         else:
             shifted, weights = shifted_weights(i)
             bins = _bins(shifted, span, has_nan)
-        inside = bins == crossing
-        counts = bin_count if chunk_count == 1 else inside.sum(-1, keepdim=True)
+        count_above += (bins < crossing).sum(-1, keepdim=True)
+        inside = bins == unsolved
+        counts = inside.sum(-1, keepdim=True)
+        bin_count += counts
+        if int(bin_count.max()) > _MAX_SORTED:  # near-ties: stop gathering those rows' keys
+            inside &= bin_count <= _MAX_SORTED
+            counts = inside.sum(-1, keepdim=True)
+        picked_count += counts
         # A masked top-k would be slow here (std::partial_sort over many equal fill values).
-        picked.append((weights[inside], counts.reshape(-1).long()))
-    exact = count_above + 1
-    if picked:
-        table = _rows_table(picked, bin_count.reshape(-1).long(), 0.0).double()
-        cum_inside = table.sort(-1, descending=True).values.cumsum(-1)
-        cum_inside = cum_inside.reshape(*target.shape[:-1], -1).add_(mass_above)
-        needed = (cum_inside < target).sum(-1, keepdim=True).add_(1)
-        exact = count_above + needed.minimum(bin_count.clamp(min=1))
-    if approximate is not None:
-        exact = torch.where(crossing == _BINS, approximate, exact)
+        picked.append((weights[inside], counts.reshape(-1)))
+    exact = _cumulative_count(picked, picked_count, count_above, mass_above, target)
+    wide = bin_count > _MAX_SORTED
+    if bool(wide.any()):
+        # The keys of a bin this full are counted as equal: their logits differ by less than
+        # the bin width.
+        per_key = mass.gather(-1, crossing) / bin_count.clamp(min=1)
+        needed = torch.ceil((target - mass_above) / per_key.clamp(min=1e-300) * (1 - 1e-9))
+        approximate = count_above + needed.clamp(min=1).minimum(bin_count)
+        exact = torch.where(wide, approximate, exact)
     return exact.float()
+
+
+def _cumulative_count(
+    picked: list[tuple[torch.Tensor, torch.Tensor]],
+    picked_count: torch.Tensor,
+    count_above: torch.Tensor,
+    mass_above: torch.Tensor,
+    target: torch.Tensor,
+) -> torch.Tensor:
+    """Return keys above the crossing bin plus those of it (largest first) that reach `target`."""
+    if int(picked_count.max()) == 0:
+        return count_above + 1
+    table = _rows_table(picked, picked_count.reshape(-1), 0.0).double()
+    cum_inside = table.sort(-1, descending=True).values.cumsum(-1)
+    cum_inside = cum_inside.reshape(*target.shape[:-1], -1).add_(mass_above)
+    needed = (cum_inside < target).sum(-1, keepdim=True).add_(1)
+    return count_above + needed.minimum(picked_count.clamp(min=1))
 
 
 def _rows_table(

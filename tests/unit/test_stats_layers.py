@@ -120,3 +120,12 @@ def test_a_fully_masked_row_leaves_its_neighbours_exact() -> None:
     want = direct(rows, 0.25)
     assert bool(torch.isnan(got["entropy_nats"][1]).all())
     assert_matches({k: v[:1] for k, v in got.items()}, {k: v[:1] for k, v in want.items()})
+
+
+def test_near_ties_beyond_the_sorted_limit_are_counted_as_equal_across_chunks() -> None:
+    """40,000 equal logits in chunks of 7,000: one bin holds them all; 90% is 36,000 keys."""
+    rows = make_rows(40_000, [0.0] * 4 + [0.3] * 4, rows=1)
+    got = row_statistics(rows, 0.25, StatsSpec(chunk_keys=7000))
+    want = direct(rows, 0.25)
+    assert got["keys_for_90pct"][0, :4].tolist() == [36000.0] * 4
+    assert_matches({k: got[k][:, 4:] for k in want}, {k: v[:, 4:] for k, v in want.items()})
