@@ -426,13 +426,14 @@ def _select(
         else:
             shifted, weights = shifted_weights(i)
             bins = _bins(shifted, span, has_nan)
-        count_above += (bins < crossing).sum(-1, keepdim=True)
+        # int32 sums: a bool sum to int64 would first copy the mask to int64.
+        count_above += (bins < crossing).sum(-1, keepdim=True, dtype=torch.int32)
         inside = bins == unsolved
-        counts = inside.sum(-1, keepdim=True)
+        counts = inside.sum(-1, keepdim=True, dtype=torch.int32)
         bin_count += counts
         if int(bin_count.max()) > _MAX_SORTED:  # near-ties: stop gathering those rows' keys
             inside &= bin_count <= _MAX_SORTED
-            counts = inside.sum(-1, keepdim=True)
+            counts = inside.sum(-1, keepdim=True, dtype=torch.int32)
         picked_count += counts
         # A masked top-k would be slow here (std::partial_sort over many equal fill values).
         picked.append((weights[inside], counts.reshape(-1)))
