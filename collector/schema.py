@@ -3,6 +3,7 @@
 Usage:
     msg = HeadStatsMessage.build(header, {"entropy_nats": entropy, ...})
     same = HeadStatsMessage.from_bytes(msg.to_bytes())
+    same.arrays().values  # every statistic as one read-only (stats, layers, heads) array, no copy
 
 A message carries a JSON header (identity, context, sampling, layout) validated by pydantic and
 the statistics as (num_layers, num_query_heads) arrays. The arrays travel as fixed-point
@@ -17,21 +18,23 @@ This module imports pydantic and numpy only: the exporter imports it without tor
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, cast
+from types import ModuleType
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 try:  # zlib-ng inflates the same streams, with the same errors, about twice as fast as zlib
-    from zlib_ng import zlib_ng as _inflating
+    _inflating: ModuleType = importlib.import_module("zlib_ng.zlib_ng")
 except ImportError:  # optional: the exporter extra installs it
-    import zlib as _inflating  # type: ignore[no-redef]
-_INFLATE_ERROR = cast(type[Exception], _inflating.error)  # zlib-ng's stub types it as an instance
+    _inflating = zlib
+_INFLATE_ERROR: type[Exception] = _inflating.error
 
 TOPIC = "headwatch.head-stats.v1"
 DEAD_LETTER_TOPIC = f"{TOPIC}.dlq"
@@ -406,8 +409,12 @@ def _check_stat_names(names: tuple[str, ...], top_k: tuple[int, ...]) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _mass_rows(names: tuple[str, ...]) -> np.ndarray:
-    return np.array([i for i, n in enumerate(names) if n.endswith("_mass")], dtype=np.intp)
+def _mass_rows(names: tuple[str, ...]) -> slice | np.ndarray:
+    """Return the rows of the masses: a slice (a view, no copy) when they are contiguous."""
+    rows = [i for i, n in enumerate(names) if n.endswith("_mass")]
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return np.array(rows, dtype=np.intp)
 
 
 def _check_ranges(header: MessageHeader, values: np.ndarray, valid: np.ndarray) -> None:
