@@ -49,6 +49,9 @@ MAX_MESSAGE_BYTES = 1 << 20
 _MAX_PAYLOAD_BYTES = 8 << 20
 MAX_LAYERS = 1024
 MAX_HEADS = 1024
+# Token counts fit a signed 32-bit integer (2**31 - 1: far beyond any context); larger values are
+# poison, not data, and would overflow the exporter's fixed-width arithmetic.
+MAX_TOKENS = 2**31 - 1
 
 DEFAULT_TOP_K = (1, 16, 256)
 
@@ -123,10 +126,10 @@ class MessageHeader(BaseModel):
     server_id: Annotated[str, Field(max_length=256)] = ""
     timestamp_seconds: Annotated[float, Field(ge=0)]
     phase: Phase
-    context_tokens: Annotated[int, Field(ge=1)]
-    query_position: Annotated[int, Field(ge=0)]
-    sink_tokens: Annotated[int, Field(ge=0)]
-    recent_tokens: Annotated[int, Field(ge=0)]
+    context_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)]
+    query_position: Annotated[int, Field(ge=0, le=MAX_TOKENS)]
+    sink_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS)]
+    recent_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS)]
     num_layers: Annotated[int, Field(ge=1, le=MAX_LAYERS)]
     num_query_heads: Annotated[int, Field(ge=1, le=MAX_HEADS)]
     num_kv_heads: Annotated[int, Field(ge=1, le=MAX_HEADS)]
@@ -134,7 +137,7 @@ class MessageHeader(BaseModel):
     kv_dtype_bytes: Annotated[int, Field(ge=1, le=8)]
     sample_rate: Annotated[float, Field(gt=0, le=1)]
     top_k: tuple[Annotated[int, Field(ge=1)], ...] = DEFAULT_TOP_K
-    visible_keys: tuple[Annotated[int, Field(ge=0)], ...]
+    visible_keys: tuple[Annotated[int, Field(ge=0, le=MAX_TOKENS)], ...]
     flags: tuple[Flag, ...] = ()
     stat_names: tuple[str, ...]
     top_middle_positions: tuple[tuple[tuple[int, ...], ...], ...] | None = None
