@@ -473,9 +473,10 @@ def _rows_table(
 
     picked: per chunk, the selected values (grouped by row, in row order) and the count per row.
     """
+    counts = counts.long()
     rows = torch.arange(counts.shape[0], device=counts.device)
     values = torch.cat([v for v, _ in picked])
-    row = torch.cat([torch.repeat_interleave(rows, c) for _, c in picked])
+    row = torch.cat([torch.repeat_interleave(rows, c.long()) for _, c in picked])
     if len(picked) > 1:  # regroup the chunks' pieces by row
         order = torch.argsort(row, stable=True)
         values, row = values[order], row[order]
