@@ -42,7 +42,7 @@ _previous_local: dict[str, Callable[..., Any] | None] = {}
 
 
 class Observer(Protocol):
-    """Receives the tensors of an attention call after the kernel ran (measured passes only)."""
+    """Receives the tensors of an attention call after the kernel ran, and what it returned."""
 
     def observe(
         self,
@@ -53,6 +53,7 @@ class Observer(Protocol):
         value: torch.Tensor,
         mask: torch.Tensor | None,
         kwargs: dict[str, Any],
+        result: Any = None,
     ) -> None: ...
 
 
@@ -81,7 +82,9 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         if probe is not None:
             if args:
                 kwargs = {**_bind_positional(original, args), **kwargs}
-            probe.observer.observe(probe.layer, module, query, key, value, attention_mask, kwargs)
+            probe.observer.observe(
+                probe.layer, module, query, key, value, attention_mask, kwargs, result
+            )
         return result
 
     headwatch_attention.__headwatch_original__ = original  # type: ignore[attr-defined]

@@ -174,10 +174,12 @@ def layer_inputs(
     sliding_window: int | None,
     is_causal: bool,
     sinks: torch.Tensor | None,
+    output: torch.Tensor | None = None,
 ) -> RowInputs:
     """Return the statistics inputs of one attention call for the plan's rows.
 
-    query: (batch, heads, q, d); key, value: (batch, kv_heads, keys, d); mask as the kernel got it.
+    query: (batch, heads, q, d); key, value: (batch, kv_heads, keys, d); mask as the kernel got it;
+    output: what the kernel returned, (batch, q, heads, d), used when it is float32.
     """
     device = query.device
     indices = plan._index_cache.get(str(device))
@@ -200,6 +202,16 @@ def layer_inputs(
     else:
         picked = query[0, :, rows].transpose(0, 1)
     picked = picked.reshape(len(plan.rows), kv_heads, heads // kv_heads, query.shape[-1])
+    row_output = None
+    b, q, d = query.shape[0], query.shape[2], query.shape[3]
+    # A float32 kernel output is the attention output itself: the statistics need not recompute
+    # p.V. In lower precision it is rounded, so it is recomputed in float32 instead.
+    if output is not None and output.dtype == torch.float32 and output.shape == (b, q, heads, d):
+        if len(plan.rows) == 1:
+            row_output = output[plan.rows[0].batch_index, plan.rows[0].query_row][None]
+        else:
+            row_output = output[batch, rows]
+        row_output = row_output.reshape(picked.shape)
     keys = key.shape[2]
     keep_index, keep_is_sink, keep_valid = _keep_rows(plan, keys, device)
     cache_key = (keys, sliding_window, is_causal, None if mask is None else id(mask), str(device))
@@ -222,4 +234,5 @@ def layer_inputs(
         sinks=sinks,
         visible=cached[2],
         bias_is_zero=cached[3],
+        output=row_output,
     )

@@ -175,6 +175,7 @@ class PassCollector:
         value: torch.Tensor,
         mask: torch.Tensor | None,
         kwargs: dict[str, Any],
+        result: Any = None,
     ) -> None:
         plan: PassPlan | None = getattr(self._local, "plan", None)
         if plan is None or not self.guard.enabled or not self.sampler.is_layer_sampled(layer):
@@ -182,7 +183,7 @@ class PassCollector:
         started = time.perf_counter()
         try:
             with torch.no_grad():
-                self._measure(plan, layer, module, query, key, value, mask, kwargs)
+                self._measure(plan, layer, module, query, key, value, mask, kwargs, result)
             self.guard.succeeded()
             plan.stats_seconds += time.perf_counter() - started
         except Exception:
@@ -198,6 +199,7 @@ class PassCollector:
         value: torch.Tensor,
         mask: torch.Tensor | None,
         kwargs: dict[str, Any],
+        result: Any = None,
     ) -> None:
         scaling = kwargs.get("scaling")
         if scaling is None:
@@ -206,9 +208,12 @@ class PassCollector:
         if is_causal is None:
             is_causal = bool(getattr(module, "is_causal", True))
         sinks = kwargs.get("s_aux")
+        # The kernel's own output (attention functions return (output, weights)).
+        output = result[0] if isinstance(result, tuple) and result else None
         inputs = layer_inputs(
-            plan, query, key, value, mask, kwargs.get("sliding_window"), is_causal, sinks
-        )
+            plan, query, key, value, mask, kwargs.get("sliding_window"), is_causal, sinks,
+            output if isinstance(output, torch.Tensor) else None,
+        )  # fmt: skip
         plan.partials[layer] = row_statistics(
             inputs, float(scaling), self.spec, kwargs.get("softcap")
         )

@@ -70,6 +70,8 @@ class RowInputs:
     sinks: (kv_heads * group,) learned sink logits (gpt-oss `s_aux`) or None.
     visible: (n,) number of visible keys (the finite entries of bias), or None to count them here.
     bias_is_zero: True when bias is 0 everywhere (nothing masked, no additive term): skipped.
+    output: (n, kv_heads, group, d) float32 attention output of the rows as the kernel computed
+        it, or None to compute p.V here.
     """
 
     query: torch.Tensor
@@ -83,6 +85,7 @@ class RowInputs:
     sinks: torch.Tensor | None = None
     visible: torch.Tensor | None = None
     bias_is_zero: bool = False
+    output: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -197,9 +200,11 @@ def layer_pass(
         weights = torch.exp(shifted)
         chunk_sum = weights.sum(-1, keepdim=True)
         chunk_entropy = torch.linalg.vecdot(weights, shifted)[..., None]
-        chunk_out = torch.matmul(
-            weights, _gather(rows.value, rows.batch_index, start, stop).float()
-        )
+        chunk_out = out  # the kernel's output, when given, stands in for p.V (set after the loop)
+        if rows.output is None:
+            chunk_out = torch.matmul(
+                weights, _gather(rows.value, rows.batch_index, start, stop).float()
+            )
         if i == 0:
             total, entropy_sum, out, top = chunk_sum, chunk_entropy, chunk_out, chunk_top
         else:
@@ -208,7 +213,8 @@ def layer_pass(
             rescale = torch.exp(shift)
             entropy_sum = rescale * (entropy_sum + shift * total) + chunk_entropy
             total = rescale * total + chunk_sum
-            out = rescale * out + chunk_out
+            if rows.output is None:
+                out = rescale * out + chunk_out
             merged = torch.cat([top, chunk_top], dim=-1)
             top = merged.topk(min(kmax, merged.shape[-1]), dim=-1, sorted=False).values
         high = new_high
@@ -217,6 +223,8 @@ def layer_pass(
         atom = torch.exp(rows.sinks.float().reshape(1, kv_heads, group, 1) - high)
         total = total + atom
         entropy_sum = entropy_sum + torch.special.xlogy(atom, atom)
+    if rows.output is not None:
+        out = rows.output * total  # `finish` divides by the total
     visible = (rows.bias > -math.inf).sum(-1) if rows.visible is None else rows.visible
     # Does the top-k hold the mass target? (a host sync, on measured rows only)
     goal = spec.mass_target * (1 - _MASS_SLACK)
