@@ -182,7 +182,7 @@ def layer_pass(
     rows: RowInputs, scaling: float, spec: StatsSpec, softcap: float | None = None
 ) -> LayerPartial:
     """Read one layer's keys and values (the expensive part); `finish` does the rest for all layers at once."""
-    _, kv_heads, group, _ = rows.query.shape
+    n, kv_heads, group, _ = rows.query.shape
     total_keys = rows.key.shape[2]
     kmax = min(max(spec.top_k), total_keys)
     bias = None if rows.bias_is_zero else rows.bias.float().clamp(min=_MASKED)[:, None, None, :]
@@ -190,8 +190,12 @@ def layer_pass(
     logits_of = _Logits(rows.query.float() * scaling, rows, bias, softcap)
     bounds = chunk_bounds(total_keys, spec.chunk_keys)
     high = total = entropy_sum = out = top = shifted = weights = rows.query  # set by chunk 0
+    keep_raw = None
     for i, (start, stop) in enumerate(bounds):
         logits = logits_of(start, stop)
+        if len(bounds) == 1:  # the keep-set's logits, read before they are shifted in place
+            index = rows.keep_index.reshape(n, 1, 1, -1).expand(n, kv_heads, group, -1)
+            keep_raw = logits.gather(-1, index)
         chunk_top = _top_values(logits, min(kmax, stop - start))
         chunk_max = logits.amax(-1, keepdim=True)
         new_high = chunk_max if i == 0 else torch.maximum(high, chunk_max)
@@ -237,7 +241,14 @@ def layer_pass(
         keys_needed = _keys_for_target(
             logits_of, bounds, target, high, (shifted, weights), solved, goal
         )
-    keep_logits = _keep_logits(rows, logits_of, high)
+    if keep_raw is None:
+        keep_logits = _keep_logits(rows, logits_of, high)
+    else:
+        # Masked keys carry the finite _MASKED logit here: set them (and padding) to -inf.
+        hidden = ~rows.keep_valid.reshape(n, 1, 1, -1)
+        if not rows.bias_is_zero:
+            hidden = hidden | (keep_raw <= _MASKED / 2)
+        keep_logits = keep_raw.sub_(high).masked_fill_(hidden, -math.inf)
     batch = rows.batch_index[:, None].expand_as(rows.keep_index)
     keep_values = rows.value[batch, :, rows.keep_index].transpose(1, 2).float()
     return LayerPartial(
