@@ -7,9 +7,10 @@ Usage:
 Pure torch, no I/O. Everything stays on the tensors' device; host syncs happen on measured rows only.
 
 Cost and memory (K visible keys, n rows, h query heads, C = `chunk_keys`):
-- pass 1 reads every key and value once: one q.k matmul per KV group (no `repeat_kv` copies), one
-  exp reused for the log-sum-exp, the entropy and p.V, one unsorted top-k of the largest k (the
-  smaller k are prefix sums of it); extra memory O(n x h x C);
+- pass 1 reads every key once: one q.k matmul per KV group (no `repeat_kv` copies), one exp
+  reused for the log-sum-exp, the entropy and p.V, one unsorted top-k of the largest k (the
+  smaller k are prefix sums of it); extra memory O(n x h x C). The values are read for p.V
+  unless the kernel's float32 output of the rows is given (it is the attention output);
 - the sink+recent keep-set is gathered by index (S + R keys): its masses and the value-aware
   eviction error cost O(S + R);
 - `keys_for_90pct` is read from the top-k when the largest k already holds 90% of the mass (peaked
