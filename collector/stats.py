@@ -376,16 +376,24 @@ def _keys_for_target(
 ) -> torch.Tensor:
     """Return (n, kv_heads, group, 1): the fewest keys (largest first) whose weight reaches `target`.
 
-    `last` holds the shifted logits and weights of pass 1's last chunk, which need no recompute.
+    Only the rows not `solved` by the top-k are counted (the others come out as 0). `last` holds
+    the shifted logits and weights of pass 1's last chunk, which need no recompute.
     """
+    rows = solved.numel()
+    todo = (~solved).reshape(rows).nonzero().squeeze(1)  # a host sync, on measured rows only
+    # Only the rows still to count go through the histogram passes.
+    last_subset = (last[0].reshape(rows, -1)[todo], last[1].reshape(rows, -1)[todo])
 
     def shifted_weights(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if i == len(bounds) - 1:
-            return last
-        shifted = logits_of(*bounds[i]).sub_(high).clamp_(min=_FLOOR)
+            return last_subset
+        shifted = logits_of(*bounds[i]).sub_(high).clamp_(min=_FLOOR).reshape(rows, -1)[todo]
         return shifted, torch.exp(shifted)
 
-    return _select(shifted_weights, len(bounds), target, solved, bounds[-1][1], goal)
+    none_solved = torch.zeros((todo.shape[0], 1), dtype=torch.bool, device=todo.device)
+    subset_target = target.reshape(rows, 1)[todo]
+    counted = _select(shifted_weights, len(bounds), subset_target, none_solved, bounds[-1][1], goal)
+    return target.new_zeros((rows, 1)).index_copy_(0, todo, counted).reshape(solved.shape)
 
 
 def _span(keys: int, goal: float) -> float:
