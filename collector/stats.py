@@ -101,7 +101,9 @@ class _Logits:
     def __call__(self, start: int, stop: int) -> torch.Tensor:
         """Return (n, kv_heads, group, stop - start) float32 logits as the kernel computes them."""
         key = _gather(self.rows.key, self.rows.batch_index, start, stop)
-        logits = torch.matmul(self.query, key.float().transpose(-1, -2))
+        if key.dtype != torch.float32:
+            key = key.float()
+        logits = torch.matmul(self.query, key.transpose(-1, -2))
         if self.softcap is not None:
             logits = torch.tanh(logits.div_(self.softcap)).mul_(self.softcap)
         return logits if self.bias is None else logits.add_(self.bias[..., start:stop])
@@ -167,6 +169,7 @@ class LayerPartial:
     visible: torch.Tensor
     solved: torch.Tensor
     keys_needed: torch.Tensor | None  # rows not `solved` by the top-k; None when all are
+    out_is_output: bool = False  # `out` is the attention output itself, not the unnormalised sum
 
 
 def row_statistics(
@@ -188,7 +191,8 @@ def layer_pass(
     kmax = min(max(spec.top_k), total_keys)
     bias = None if rows.bias_is_zero else rows.bias.float().clamp(min=_MASKED)[:, None, None, :]
     # Scaling the few query rows instead of the logits saves a pass over the keys.
-    logits_of = _Logits(rows.query.float() * scaling, rows, bias, softcap)
+    query = rows.query if rows.query.dtype == torch.float32 else rows.query.float()
+    logits_of = _Logits(query * scaling, rows, bias, softcap)
     bounds = chunk_bounds(total_keys, spec.chunk_keys)
     high = total = entropy_sum = out = top = shifted = weights = rows.query  # set by chunk 0
     keep_raw = None
@@ -228,15 +232,13 @@ def layer_pass(
         atom = torch.exp(rows.sinks.float().reshape(1, kv_heads, group, 1) - high)
         total = total + atom
         entropy_sum = entropy_sum + torch.special.xlogy(atom, atom)
-    if rows.output is not None:
-        out = rows.output * total  # `finish` divides by the total
     visible = (rows.bias > -math.inf).sum(-1) if rows.visible is None else rows.visible
     # Does the top-k hold the mass target? (a host sync, on measured rows only)
     goal = spec.mass_target * (1 - _MASS_SLACK)
     target = total * goal if atom is None else (total - atom).mul_(goal)
     held = torch.exp(top - high).sum(-1, keepdim=True)
-    # Rows with NaN weights need no count: they come out as NaN.
-    solved = (held >= target).logical_or_(total.isnan())
+    # Rows with NaN weights are not solved and get a meaningless count: they come out as NaN.
+    solved = held >= target
     keys_needed = None
     if not bool(solved.all()):
         keys_needed = _keys_for_target(
@@ -250,11 +252,18 @@ def layer_pass(
         if not rows.bias_is_zero:
             hidden = hidden | (keep_raw <= _MASKED / 2)
         keep_logits = keep_raw.sub_(high).masked_fill_(hidden, -math.inf)
-    batch = rows.batch_index[:, None].expand_as(rows.keep_index)
-    keep_values = rows.value[batch, :, rows.keep_index].transpose(1, 2).float()
+    if n == 1 and rows.value.shape[0] == 1:  # one index op
+        keep_values = rows.value[:, :, rows.keep_index[0]]
+    else:
+        batch = rows.batch_index[:, None].expand_as(rows.keep_index)
+        keep_values = rows.value[batch, :, rows.keep_index].transpose(1, 2)
+    if keep_values.dtype != torch.float32:
+        keep_values = keep_values.float()
+    if rows.output is not None:  # the kernel's output: already divided by the total
+        out = rows.output
     return LayerPartial(
         high, total, entropy_sum, atom, out, top, keep_logits, keep_values,
-        rows.keep_is_sink, visible, solved, keys_needed,
+        rows.keep_is_sink, visible, solved, keys_needed, rows.output is not None,
     )  # fmt: skip
 
 
@@ -305,7 +314,10 @@ def finish_stacked(
     log_total = torch.log(total)
     lse = high + log_total
     entropy = log_total - torch.stack([p.entropy_sum for p in partials]) / total
-    output = torch.stack([p.out for p in partials]) / total
+    if all(p.out_is_output for p in partials):
+        output = torch.stack([p.out for p in partials])
+    else:
+        output = torch.stack([p.out if p.out_is_output else p.out / p.total for p in partials])
     top = _pad([p.top for p in partials], -math.inf)
     cum_top = torch.exp(top.sort(dim=-1, descending=True).values - lse).cumsum(-1)
     top_masses = cum_top[..., [min(k, top.shape[-1]) - 1 for k in spec.top_k]]
