@@ -71,8 +71,10 @@ def assemble(plan: PassPlan, identity: Identity, layout: Layout) -> list[HeadSta
         keep = [j for j, layer in enumerate(finished) if layer < layout.num_layers]
         layers = [finished[j] for j in keep]
         # One host copy for all statistics, layers and rows: (layers, n, heads, stats).
-        host = values.double().cpu().numpy()[keep]
-        visible_host = visible_all.cpu().numpy()[keep]
+        host = values.cpu().numpy().astype(np.float64)
+        visible_host = visible_all.cpu().numpy()
+        if len(keep) < len(finished):
+            host, visible_host = host[keep], visible_host[keep]
         heads = values.shape[2]
         count = len(finished)
     elif plan.results:
@@ -133,13 +135,9 @@ def assemble(plan: PassPlan, identity: Identity, layout: Layout) -> list[HeadSta
             flags=tuple(flags),  # type: ignore[arg-type]
             stat_names=names,
         )
-        clipped = {n: _clip(n, a) for n, a in stats.items()}
-        messages.append(HeadStatsMessage.build(header, clipped))
+        # Clip float noise at the domain edges (a mass of 1 + 1e-7, an entropy of -1e-8).
+        masses = [j for j, n in enumerate(names) if n.endswith("_mass")]
+        np.maximum(table, 0.0, out=table)
+        table[masses] = np.minimum(table[masses], 1.0)
+        messages.append(HeadStatsMessage.build(header, stats))
     return messages
-
-
-def _clip(name: str, values: np.ndarray) -> np.ndarray:
-    """Clip float noise at the domain edges (a mass of 1 + 1e-7, an entropy of -1e-8)."""
-    if name.endswith("_mass"):
-        return np.clip(values, 0.0, 1.0)
-    return np.maximum(values, 0.0)

@@ -329,9 +329,8 @@ def finish_stacked(
     goal = spec.mass_target * (1 - _MASS_SLACK)
     target = goal if atoms is None else (1 - atoms / total).mul_(goal)
     # Rows solved by the top-k need at most its width (guards a last-ulp disagreement of the sums).
-    keys_needed = (
-        (cum_top < target).sum(-1, keepdim=True).clamp_(max=top.shape[-1] - 1).float().add_(1.0)
-    )
+    keys_needed = (cum_top < target).sum(-1, keepdim=True, dtype=torch.float32)
+    keys_needed.clamp_(max=top.shape[-1] - 1).add_(1.0)
     if any(p.keys_needed is not None for p in partials):
         refined = torch.stack(
             [
@@ -342,7 +341,11 @@ def finish_stacked(
         keys_needed = torch.where(torch.stack([p.solved for p in partials]), keys_needed, refined)
     keep_logits = _pad([p.keep_logits for p in partials], -math.inf)
     keep = torch.exp(keep_logits - log_total)
-    is_sink = _pad([p.keep_is_sink for p in partials], False).reshape(layers, n, 1, -1, 1)
+    first = partials[0].keep_is_sink
+    if all(p.keep_is_sink is first for p in partials):  # one keep-set for all layers
+        is_sink = first.reshape(1, n, 1, -1, 1)
+    else:
+        is_sink = _pad([p.keep_is_sink for p in partials], False).reshape(layers, n, 1, -1, 1)
     sink_mass = torch.matmul(keep, is_sink.to(keep.dtype))
     kept_mass = keep.sum(-1, keepdim=True)
     # Renormalise over the kept keys (and the learned sink atom, which is never evicted), scaled
@@ -357,7 +360,7 @@ def finish_stacked(
     eviction = torch.linalg.vector_norm(output - kept, dim=-1, keepdim=True)
     eviction = eviction / torch.linalg.vector_norm(output, dim=-1, keepdim=True)
     visible = torch.stack([p.visible for p in partials])
-    bad = ~(lse.abs() < math.inf) | (visible == 0).reshape(layers, n, 1, 1, 1)
+    bad = (visible == 0).reshape(layers, n, 1, 1, 1).logical_or(~torch.isfinite(lse))
     # In core_stat_names order: entropy, sink, recent, top-k masses, keys_for_90pct, eviction.
     parts = [entropy, sink_mass, kept_mass - sink_mass, top_masses, keys_needed, eviction]
     stacked = torch.cat(parts, dim=-1).masked_fill_(bad, math.nan)
