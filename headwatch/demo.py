@@ -170,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         prompt_maker,
     )
     from headwatch.report.build import build_report, default_out
+    from headwatch.report.by_kind import maps_by_kind
     from headwatch.report.summary import summarize
     from headwatch.report.table import markdown_table, pattern_map_text, study_rows
 
@@ -216,6 +217,9 @@ def run(args: argparse.Namespace) -> int:
                 verdict_source="exporter aggregation, in-process",
             )
         print(pattern_map_text(summary))
+        by_kind = maps_by_kind(prompts, live.messages)
+        if by_kind:
+            print(f"\nThe same heads by kind of request:\n{by_kind}")
         print()
         print(markdown_table(study_rows(summary)))
         needle = next((p for p in prompts if p.has_needle), prompts[0])

@@ -55,7 +55,7 @@ def plot_curve(rows: list[dict[str, float]], out_png: Path) -> None:
     ax1.legend()
     for key, label in (
         ("copy_acc", "copy accuracy (repeated random tokens)"),
-        ("needle_exact", "needle retrieval, exact (2K context)"),
+        ("needle_exact", "needle retrieval, exact (1-2K context)"),
         ("needle_token_acc", "needle retrieval, per answer token"),
     ):
         pts = [

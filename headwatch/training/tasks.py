@@ -10,18 +10,19 @@ Every window starts with ``<|bos|>``. Kinds:
   falls only once an induction (copy) head forms.
 - ``text_repeat``: corpus text in which an earlier span occurs again later.
 - ``needle``: one or more "<subject> is <answer>." sentences hidden in corpus text, then the
-  question "<subject> is" at the end; the answer tokens carry extra weight.
+  question "<subject> is" and its answer, whose tokens carry extra weight; the sample has a
+  random length and other text follows it after ``<|eos|>``, so the question ends anywhere.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from headwatch.training.errors import ConfigError
-from headwatch.training.tokenizer import BOS_ID
+from headwatch.training.tokenizer import BOS_ID, EOS_ID
 
 KINDS = ("text", "random_repeat", "text_repeat", "needle")
 
@@ -192,9 +193,7 @@ class WindowMaker:
         if kind == "text_repeat":
             return self._text_repeat(length)
         if kind == "needle":
-            # several facts (distractors) only where the window has room for them
-            n_needles = int(self.rng.integers(1, 4)) if length >= 512 else 1
-            return self.needle_window(length, n_needles=n_needles)
+            return self._needle_anywhere(length)
         ids = np.concatenate([[BOS_ID], self._text(length - 1)])
         return Window(ids.astype(np.int64), np.ones(length, dtype=np.float32))
 
@@ -220,6 +219,25 @@ class WindowMaker:
         body[dst : dst + span] = body[src : src + span]
         ids = np.concatenate([[BOS_ID], body])
         return Window(ids.astype(np.int64), np.ones(length, dtype=np.float32))
+
+    def _needle_anywhere(self, length: int) -> Window:
+        """Return a needle sample of random length, the rest of the window other text after EOS.
+
+        A window whose question always ends at its last position teaches retrieval at that
+        absolute position only: a model trained so retrieves at 2,047 tokens and not at 1,535.
+        """
+        part = int(self.rng.integers(min(length, 192), length + 1))
+        # several facts (distractors) only where the sample has room for them
+        n_needles = int(self.rng.integers(1, 4)) if part >= 512 else 1
+        w = self.needle_window(part, n_needles=n_needles)
+        if part == length:
+            return w
+        tail = np.concatenate([[EOS_ID], self._text(length - part - 1)]).astype(np.int64)
+        return replace(
+            w,
+            ids=np.concatenate([w.ids, tail]),
+            weights=np.concatenate([w.weights, np.ones(tail.size, dtype=np.float32)]),
+        )
 
     def needle_window(
         self, length: int, n_needles: int = 1, depth: float | None = None, form: int | None = None

@@ -292,3 +292,14 @@ def test_handset_heads_show_their_pattern(head: int, pattern: str) -> None:
         assert float(p[n // 2]) > 0.99
     else:
         assert entropy > 0.99 * math.log(n)
+
+
+def test_needle_windows_end_their_question_at_many_positions(maker: WindowMaker) -> None:
+    windows = [maker.make("needle", 1024) for _ in range(40)]
+    assert all(w.ids.size == w.weights.size == 1024 and w.ids[0] == 0 for w in windows)
+    ends = {w.answer_end for w in windows}
+    assert len(ends) > 20 and min(ends) < 700  # not always at the window's end
+    for w in windows:
+        assert (w.weights[w.answer_start : w.answer_end] > 1).all()
+        if w.answer_end < 1024:  # other text follows the answer, after one EOS
+            assert w.ids[w.answer_end] == 1
