@@ -129,3 +129,16 @@ def test_near_ties_beyond_the_sorted_limit_are_counted_as_equal_across_chunks() 
     want = direct(rows, 0.25)
     assert got["keys_for_90pct"][0, :4].tolist() == [36000.0] * 4
     assert_matches({k: got[k][:, 4:] for k in want}, {k: v[:, 4:] for k, v in want.items()})
+
+
+def test_heads_needing_more_than_the_top_k_but_fewer_than_1024_keys_are_exact() -> None:
+    """Counts between 256 and 1024 come from the wider top-k of one chunk, not the histogram.
+
+    (Seed 0 of these scales puts one head's cumulative mass at 281 keys 5e-7 below 90%, inside
+    the float32 slack that counts it as reached: the reference says 282.)
+    """
+    rows = make_rows(3000, [1.5, 1.8, 2.0, 2.2, 2.5, 2.8, 3.0, 3.5], seed=1)
+    want = direct(rows, 0.25)
+    counts = want["keys_for_90pct"]
+    assert bool(((counts > 256) & (counts <= 1024)).sum() >= 4)
+    assert_matches(row_statistics(rows, 0.25, StatsSpec()), want)
