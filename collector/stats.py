@@ -37,7 +37,6 @@ from collector.schema import DEFAULT_TOP_K, core_stat_names
 _BINS = 512
 _MAX_SORTED = 16384
 _BLOCK = 32
-_WIDE = 1024
 # Float32 probabilities carry ~1e-7 relative error each: a cumulative mass within this fraction of
 # the target counts as reaching it, so exact ties (e.g. 900 of 1000 equal keys) count exactly.
 _MASS_SLACK = 1e-6
@@ -196,19 +195,13 @@ def layer_pass(
     logits_of = _Logits(query * scaling, rows, bias, softcap)
     bounds = chunk_bounds(total_keys, spec.chunk_keys)
     high = total = entropy_sum = out = top = shifted = weights = rows.query  # set by chunk 0
-    keep_raw = wide_top = None
+    keep_raw = None
     for i, (start, stop) in enumerate(bounds):
         logits = logits_of(start, stop)
         if len(bounds) == 1:  # the keep-set's logits, read before they are shifted in place
             index = rows.keep_index.reshape(n, 1, 1, -1).expand(n, kv_heads, group, -1)
             keep_raw = logits.gather(-1, index)
-        if len(bounds) == 1 and 4 * kmax <= _WIDE <= stop // 2 and stop < 64 * _WIDE:
-            # One top-k of _WIDE keys (still torch's fast nth_element at this size) also answers
-            # keys_for_90pct for heads that need more than k but fewer than _WIDE keys.
-            wide_top = logits.topk(_WIDE, dim=-1, sorted=False).values
-            chunk_top = wide_top.topk(kmax, dim=-1, sorted=False).values
-        else:
-            chunk_top = _top_values(logits, min(kmax, stop - start))
+        chunk_top = _top_values(logits, min(kmax, stop - start))
         chunk_max = logits.amax(-1, keepdim=True)
         new_high = chunk_max if i == 0 else torch.maximum(high, chunk_max)
         # In place: the raw logits are not needed again.
@@ -248,15 +241,9 @@ def layer_pass(
     solved = held >= target
     keys_needed = None
     if not bool(solved.all()):
-        keys_needed = torch.zeros_like(total)
-        if wide_top is not None:
-            keys_needed, solved_wide = _count_in_top(wide_top, high, target, solved)
-            solved = solved | solved_wide
-        if not bool(solved.all()):
-            keys_needed += _keys_for_target(
-                logits_of, bounds, target, high, (shifted, weights), solved, goal
-            )
-        solved = held >= target  # `finish` reads the count of the rows the top-k did not solve
+        keys_needed = _keys_for_target(
+            logits_of, bounds, target, high, (shifted, weights), solved, goal
+        )
     if keep_raw is None:
         keep_logits = _keep_logits(rows, logits_of, high)
     else:
@@ -391,26 +378,6 @@ def _keep_logits(rows: RowInputs, logits_of: _Logits, high: torch.Tensor) -> tor
         logits = torch.tanh(logits.div_(logits_of.softcap)).mul_(logits_of.softcap)
     bias = torch.gather(rows.bias.float(), 1, index).masked_fill_(~rows.keep_valid, -math.inf)
     return logits.add_(bias.reshape(n, 1, 1, -1)).sub_(high)
-
-
-def _count_in_top(
-    top: torch.Tensor, high: torch.Tensor, target: torch.Tensor, solved: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the keys needed for rows that the wider `top` (unsorted logits) solves, and those rows.
-
-    Rows already `solved`, or not solved by `top` either, get 0 and False.
-    """
-    held = torch.exp(top - high).sum(-1, keepdim=True)
-    rows_solved = (held >= target) & ~solved
-    rows = rows_solved.numel()
-    todo = rows_solved.reshape(rows).nonzero().squeeze(1)
-    counts = torch.zeros_like(target)
-    if todo.shape[0]:
-        values = top.reshape(rows, -1)[todo].sort(-1, descending=True).values
-        cum = torch.exp(values - high.reshape(rows, 1)[todo]).double().cumsum(-1)
-        needed = (cum < target.reshape(rows, 1)[todo]).sum(-1, keepdim=True).add_(1)
-        counts.reshape(rows, 1).index_copy_(0, todo, needed.to(counts.dtype))
-    return counts, rows_solved
 
 
 def _keys_for_target(

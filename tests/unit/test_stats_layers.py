@@ -132,7 +132,7 @@ def test_near_ties_beyond_the_sorted_limit_are_counted_as_equal_across_chunks() 
 
 
 def test_heads_needing_more_than_the_top_k_but_fewer_than_1024_keys_are_exact() -> None:
-    """Counts between 256 and 1024 come from the wider top-k of one chunk, not the histogram.
+    """Counts just beyond the top-k (257 to 1024 keys) are exact.
 
     (Seed 0 of these scales puts one head's cumulative mass at 281 keys 5e-7 below 90%, inside
     the float32 slack that counts it as reached: the reference says 282.)
