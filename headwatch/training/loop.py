@@ -197,3 +197,26 @@ def load_checkpoint(
     torch.set_rng_state(blob["torch_rng"])
     state: dict[str, Any] = blob["state"]
     return state
+
+
+def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
+    """Copy the weights of an exported model folder into `model` (same shape; tied head allowed)."""
+    from safetensors.torch import load_file
+
+    path = model_dir / "model.safetensors"
+    try:
+        weights = load_file(path)
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"expected readable weights at {path}, got {exc}") from exc
+    own = model.state_dict()
+    mismatched = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in weights and k != "lm_head.weight"]
+    if mismatched or missing:
+        raise CheckpointError(
+            f"expected weights of this model's shape in {path}, got "
+            f"{len(mismatched)} tensors of another shape and {len(missing)} missing "
+            f"(e.g. {(mismatched + missing)[0]})"
+        )
+    with torch.no_grad():
+        for key, value in weights.items():
+            own[key].copy_(value.to(own[key].dtype))

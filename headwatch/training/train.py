@@ -34,6 +34,7 @@ from headwatch.training.loop import (
     Schedule,
     build_model,
     load_checkpoint,
+    load_weights,
     save_checkpoint,
     train_step,
 )
@@ -102,6 +103,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--export-only", action="store_true", help="export RUN_DIR's checkpoint and exit"
     )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from the weights of an exported model folder (fine-tuning; same shape)",
+    )
     args = p.parse_args(argv)
     if args.steps_a < 0 or args.steps_b < 0 or args.steps_a + args.steps_b == 0:
         raise ConfigError(f"expected steps-a + steps-b > 0, got {args.steps_a} + {args.steps_b}")
@@ -130,7 +137,11 @@ def run(args: argparse.Namespace) -> int:
     docs = None if args.text_dir is None else read_text_dir(args.text_dir)
     data = prepare_data(args.run_dir, args.sources.split(","), args.vocab_size, docs)
     tok = data.tokenizer
-    model = build_model(args, tok.get_vocab_size()).to(args.device)
+    model = build_model(args, tok.get_vocab_size())
+    if args.init_from is not None and not (args.resume or args.export_only):
+        load_weights(model, args.init_from)
+        logger.info("initialised from %s", args.init_from)
+    model = model.to(args.device)
     optim = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     maker = WindowMaker(
         data.train_ids,
