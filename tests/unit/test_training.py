@@ -305,7 +305,7 @@ def test_needle_windows_end_their_question_at_many_positions(maker: WindowMaker)
             assert w.ids[w.answer_end] == 1
 
 
-def _tiny_args(layers: int) -> argparse.Namespace:
+def _shape_args(layers: int) -> argparse.Namespace:
     return argparse.Namespace(hidden=32, mlp=48, layers=layers, heads=4, kv_heads=2, context=128)
 
 
@@ -313,12 +313,12 @@ def test_init_from_copies_an_exported_models_weights(tmp_path: Path) -> None:
     from headwatch.training.loop import load_weights
 
     torch.manual_seed(1)
-    source = build_model(_tiny_args(2), vocab_size=300)
+    source = build_model(_shape_args(2), vocab_size=300)
     source.half().save_pretrained(tmp_path, safe_serialization=True)
     torch.manual_seed(2)
-    target = build_model(_tiny_args(2), vocab_size=300)
+    target = build_model(_shape_args(2), vocab_size=300)
     load_weights(target, tmp_path)
     for (name, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
         torch.testing.assert_close(a.float(), b, msg=name)
     with pytest.raises(CheckpointError, match="missing"):
-        load_weights(build_model(_tiny_args(3), vocab_size=300), tmp_path)
+        load_weights(build_model(_shape_args(3), vocab_size=300), tmp_path)
