@@ -33,10 +33,6 @@ from collector.stats import StatsSpec, finish, finish_stacked, layer_pass
 
 logger = logging.getLogger(__name__)
 
-# The per-layer entry point of the statistics (the part that reads the keys); a module attribute
-# so that fault-injection tests can replace it.
-row_statistics = layer_pass
-
 
 class ErrorGuard:
     """Counts failures, logs the first traceback then at most one line per interval, disables after N in a row."""
@@ -215,9 +211,7 @@ class PassCollector:
             plan, query, key, value, mask, kwargs.get("sliding_window"), is_causal, sinks,
             output if isinstance(output, torch.Tensor) else None,
         )  # fmt: skip
-        plan.partials[layer] = row_statistics(
-            inputs, float(scaling), self.spec, kwargs.get("softcap")
-        )
+        plan.partials[layer] = layer_pass(inputs, float(scaling), self.spec, kwargs.get("softcap"))
         plan.layout.setdefault("kv_heads", key.shape[1])
         plan.layout.setdefault("head_dim", query.shape[-1])
         plan.layout.setdefault("kv_dtype_bytes", key.element_size())

@@ -79,7 +79,7 @@ def test_failures_are_counted_logged_and_disable_the_hook(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(collector.runtime, "row_statistics", broken)
+    monkeypatch.setattr(collector.runtime, "layer_pass", broken)
     model = llama()
     ids = torch.randint(0, 64, (1, 20))
     with torch.no_grad():
@@ -129,9 +129,9 @@ def test_non_finite_values_are_flagged() -> None:
 
 def test_unsampled_passes_do_no_tensor_work(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    original = collector.runtime.row_statistics
+    original = collector.runtime.layer_pass
     monkeypatch.setattr(
-        collector.runtime, "row_statistics", lambda *a, **k: calls.append(1) or original(*a, **k)
+        collector.runtime, "layer_pass", lambda *a, **k: calls.append(1) or original(*a, **k)
     )
     model = llama()
     sink = MemorySink()
