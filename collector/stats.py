@@ -14,10 +14,10 @@ Cost and memory (K visible keys, n rows, h query heads, C = `chunk_keys`):
 - the sink+recent keep-set is gathered by index (S + R keys): its masses and the value-aware
   eviction error cost O(S + R);
 - `keys_for_90pct` is read from the top-k when the largest k already holds 90% of the mass (peaked
-  heads: no extra work). Otherwise a 512-bin histogram of the mass over the band of logits that
-  must hold the crossing gives the bin where the cumulative mass crosses 90%, and only that bin's
-  keys are sorted. The chunk of pass 1 that is still in memory is reused; chunks are laid out
-  remainder first so that it is a full one, and only the other chunks recompute q.k (keys only);
+  heads: no extra work). Otherwise `collector.topk.keys_for_target` counts it from a histogram
+  of the mass and a sort of the crossing bin's keys. The chunk of pass 1 that is still in memory
+  is reused; chunks are laid out remainder first so that it is a full one, and only the other
+  chunks recompute q.k (keys only);
 - `finish` does everything that needs no key for all layers of the pass at once (one set of small
   ops per pass instead of per layer).
 """
@@ -25,18 +25,13 @@ Cost and memory (K visible keys, n rows, h query heads, C = `chunk_keys`):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from collector.schema import DEFAULT_TOP_K, core_stat_names
+from collector.topk import keys_for_target, top_values
 
-# Histogram of keys_for_90pct: 512 bins over the band [max - span, max] that must hold the 90%
-# crossing; all keys below it share the last bin (see `_span`).
-_BINS = 512
-_MAX_SORTED = 16384
-_BLOCK = 32
 # Float32 probabilities carry ~1e-7 relative error each: a cumulative mass within this fraction of
 # the target counts as reaching it, so exact ties (e.g. 900 of 1000 equal keys) count exactly.
 _MASS_SLACK = 1e-6
@@ -116,28 +111,6 @@ def _gather(t: torch.Tensor, batch_index: torch.Tensor, start: int, stop: int) -
     return t[batch_index, :, start:stop]
 
 
-def _top_values(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Return (..., k) the k largest logits of each row, unsorted.
-
-    torch's CPU top-k switches from std::nth_element to std::partial_sort at n >= 64 k, which is
-    several times slower on unordered data. There the k-th largest of the 32-key block maxima
-    (k distinct keys reach it) bounds the k-th largest logit from below: only keys at or above it
-    are gathered and ranked.
-    """
-    keys = logits.shape[-1]
-    if keys < 64 * k:
-        return logits.topk(k, dim=-1, sorted=False).values
-    whole = keys // _BLOCK * _BLOCK
-    block_max = logits[..., :whole].unflatten(-1, (whole // _BLOCK, _BLOCK)).amax(-1)
-    bound = block_max.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    above = logits >= bound
-    counts = above.sum(-1).reshape(-1)
-    if int(counts.max()) >= 64 * k:  # ties or masked keys at the bound: no gain
-        return logits.topk(k, dim=-1, sorted=False).values
-    table = _rows_table([(logits[above], counts)], counts, -math.inf)
-    return table.topk(k, dim=-1, sorted=False).values.reshape(*logits.shape[:-1], k)
-
-
 def chunk_bounds(keys: int, chunk_keys: int) -> list[tuple[int, int]]:
     """Return [start, stop) ranges of at most `chunk_keys` keys, the short remainder first."""
     count = max(1, -(-keys // chunk_keys))
@@ -201,7 +174,7 @@ def layer_pass(
         if len(bounds) == 1:  # the keep-set's logits, read before they are shifted in place
             index = rows.keep_index.reshape(n, 1, 1, -1).expand(n, kv_heads, group, -1)
             keep_raw = logits.gather(-1, index)
-        chunk_top = _top_values(logits, min(kmax, stop - start))
+        chunk_top = top_values(logits, min(kmax, stop - start))
         chunk_max = logits.amax(-1, keepdim=True)
         new_high = chunk_max if i == 0 else torch.maximum(high, chunk_max)
         # In place: the raw logits are not needed again.
@@ -241,9 +214,11 @@ def layer_pass(
     solved = held >= target
     keys_needed = None
     if not bool(solved.all()):
-        keys_needed = _keys_for_target(
-            logits_of, bounds, target, high, (shifted, weights), solved, goal
-        )
+        # Recomputed chunks are shifted and clamped exactly as above.
+        keys_needed = keys_for_target(
+            lambda start, stop: logits_of(start, stop).sub_(high).clamp_(min=_FLOOR),
+            bounds, target, (shifted, weights), solved, goal,
+        )  # fmt: skip
     if keep_raw is None:
         keep_logits = _keep_logits(rows, logits_of, high)
     else:
@@ -378,153 +353,3 @@ def _keep_logits(rows: RowInputs, logits_of: _Logits, high: torch.Tensor) -> tor
         logits = torch.tanh(logits.div_(logits_of.softcap)).mul_(logits_of.softcap)
     bias = torch.gather(rows.bias.float(), 1, index).masked_fill_(~rows.keep_valid, -math.inf)
     return logits.add_(bias.reshape(n, 1, 1, -1)).sub_(high)
-
-
-def _keys_for_target(
-    logits_of: _Logits,
-    bounds: list[tuple[int, int]],
-    target: torch.Tensor,
-    high: torch.Tensor,
-    last: tuple[torch.Tensor, torch.Tensor],
-    solved: torch.Tensor,
-    goal: float,
-) -> torch.Tensor:
-    """Return (n, kv_heads, group, 1): the fewest keys (largest first) whose weight reaches `target`.
-
-    Only the rows not `solved` by the top-k are counted (the others come out as 0). `last` holds
-    the shifted logits and weights of pass 1's last chunk, which need no recompute.
-    """
-    rows = solved.numel()
-    todo = (~solved).reshape(rows).nonzero().squeeze(1)  # a host sync, on measured rows only
-    # Only the rows still to count go through the histogram passes.
-    last_subset = (last[0].reshape(rows, -1)[todo], last[1].reshape(rows, -1)[todo])
-
-    def shifted_weights(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if i == len(bounds) - 1:
-            return last_subset
-        shifted = logits_of(*bounds[i]).sub_(high).clamp_(min=_FLOOR).reshape(rows, -1)[todo]
-        return shifted, torch.exp(shifted)
-
-    none_solved = torch.zeros((todo.shape[0], 1), dtype=torch.bool, device=todo.device)
-    subset_target = target.reshape(rows, 1)[todo]
-    counted = _select(shifted_weights, len(bounds), subset_target, none_solved, bounds[-1][1], goal)
-    return target.new_zeros((rows, 1)).index_copy_(0, todo, counted).reshape(solved.shape)
-
-
-def _span(keys: int, goal: float) -> float:
-    """Return the width in nats of the band below the maximum that holds the `goal` crossing.
-
-    Weights are relative to the maximum key (weight 1), so the keys more than `span` below it
-    weigh at most keys * exp(-span) in all, less than the (1 - goal) of the mass the target
-    leaves out: the cumulative mass reaches the target inside the band.
-    """
-    return math.log(max(keys, 1) / (1 - goal)) + 1.0
-
-
-def _bins(shifted: torch.Tensor, span: float, has_nan: bool) -> torch.Tensor:
-    """Return the bin of each shifted logit (<= 0): 0 for the largest, the last for all below the band."""
-    raw = shifted.mul(-_BINS / span).clamp_(max=_BINS - 1)
-    if has_nan:  # NaN rows come out as NaN anyway; their keys only need a valid bin
-        raw.nan_to_num_(nan=_BINS - 1)
-    return raw.long()  # non-negative: truncation is floor
-
-
-def _select(
-    shifted_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-    chunk_count: int,
-    target: torch.Tensor,
-    solved: torch.Tensor,
-    keys: int,
-    goal: float,
-) -> torch.Tensor:
-    """Count the largest keys reaching `target` (in weight units): a histogram, then the crossing bin sorted.
-
-    Pass 1: float64 histograms of weight and of key count over logits in [max - span, max]
-    (`_span`: 11 nats at 4K keys, 15 at 128K). Pass 2 takes the keys of the bin where the
-    cumulative weight crosses the target (rows already `solved` are skipped), sorts their weights
-    and counts within it. When that bin holds more than `_MAX_SORTED` keys (near-ties), its keys
-    are counted as equal: their logits differ by less than the bin width (span / 512 nats).
-    """
-    span = _span(keys, goal)
-    has_nan = bool(target.isnan().any())
-    target = target.double()
-    mass = target.new_zeros((*target.shape[:-1], _BINS))
-    last_bins = torch.empty(0)
-    for i in range(chunk_count):
-        shifted, weights = shifted_weights(i)
-        last_bins = _bins(shifted, span, has_nan)
-        mass.scatter_add_(-1, last_bins, weights.double())
-    cum_mass = mass.cumsum(-1)
-    crossing = (cum_mass < target).sum(-1, keepdim=True).clamp_(max=_BINS - 1)
-    mass_above = cum_mass.gather(-1, (crossing - 1).clamp_(min=0)).masked_fill_(crossing == 0, 0.0)
-    # Rows already solved select nothing: no key lands in bin _BINS.
-    unsolved = crossing.masked_fill(solved, _BINS)
-    count_above = torch.zeros_like(crossing)
-    bin_count = torch.zeros_like(crossing)
-    picked_count = torch.zeros_like(crossing)
-    picked: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for i in range(chunk_count):
-        if i == chunk_count - 1:
-            weights, bins = shifted_weights(i)[1], last_bins
-        else:
-            shifted, weights = shifted_weights(i)
-            bins = _bins(shifted, span, has_nan)
-        # int32 sums: a bool sum to int64 would first copy the mask to int64.
-        count_above += (bins < crossing).sum(-1, keepdim=True, dtype=torch.int32)
-        inside = bins == unsolved
-        counts = inside.sum(-1, keepdim=True, dtype=torch.int32)
-        bin_count += counts
-        if int(bin_count.max()) > _MAX_SORTED:  # near-ties: stop gathering those rows' keys
-            inside &= bin_count <= _MAX_SORTED
-            counts = inside.sum(-1, keepdim=True, dtype=torch.int32)
-        picked_count += counts
-        # A masked top-k would be slow here (std::partial_sort over many equal fill values).
-        picked.append((weights[inside], counts.reshape(-1)))
-    exact = _cumulative_count(picked, picked_count, count_above, mass_above, target)
-    wide = bin_count > _MAX_SORTED
-    if bool(wide.any()):
-        # The keys of a bin this full are counted as equal: their logits differ by less than
-        # the bin width.
-        per_key = mass.gather(-1, crossing) / bin_count.clamp(min=1)
-        needed = torch.ceil((target - mass_above) / per_key.clamp(min=1e-300) * (1 - 1e-9))
-        approximate = count_above + needed.clamp(min=1).minimum(bin_count)
-        exact = torch.where(wide, approximate, exact)
-    return exact.float()
-
-
-def _cumulative_count(
-    picked: list[tuple[torch.Tensor, torch.Tensor]],
-    picked_count: torch.Tensor,
-    count_above: torch.Tensor,
-    mass_above: torch.Tensor,
-    target: torch.Tensor,
-) -> torch.Tensor:
-    """Return keys above the crossing bin plus those of it (largest first) that reach `target`."""
-    if int(picked_count.max()) == 0:
-        return count_above + 1
-    table = _rows_table(picked, picked_count.reshape(-1), 0.0).double()
-    cum_inside = table.sort(-1, descending=True).values.cumsum(-1)
-    cum_inside = cum_inside.reshape(*target.shape[:-1], -1).add_(mass_above)
-    needed = (cum_inside < target).sum(-1, keepdim=True).add_(1)
-    return count_above + needed.minimum(picked_count.clamp(min=1))
-
-
-def _rows_table(
-    picked: list[tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor, fill: float
-) -> torch.Tensor:
-    """Return (rows, widest): each row's picked values (in their order), padded with `fill`.
-
-    picked: per chunk, the selected values (grouped by row, in row order) and the count per row.
-    """
-    counts = counts.long()
-    rows = torch.arange(counts.shape[0], device=counts.device)
-    values = torch.cat([v for v, _ in picked])
-    row = torch.cat([torch.repeat_interleave(rows, c.long()) for _, c in picked])
-    if len(picked) > 1:  # regroup the chunks' pieces by row
-        order = torch.argsort(row, stable=True)
-        values, row = values[order], row[order]
-    starts = counts.cumsum(0) - counts
-    position = torch.arange(values.shape[0], device=values.device) - starts[row]
-    table = values.new_full((counts.shape[0], max(1, int(counts.max()))), fill)
-    table[row, position] = values
-    return table
