@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import collector.runtime
 from collector import MemorySink, attach
 from collector.errors import SettingsError, UnsupportedModelError
 
-CONFIG = dict(
+CONFIG: dict[str, Any] = dict(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=128,
 )  # fmt: skip
@@ -41,7 +42,7 @@ def llama(implementation: str = "sdpa") -> LlamaForCausalLM:
         ({"layers": (0, 7)}, "layers: expected indices below 2, got (0, 7)"),
     ],
 )
-def test_bad_settings_raise_at_attach_time(overrides: dict[str, object], expected: str) -> None:
+def test_bad_settings_raise_at_attach_time(overrides: dict[str, Any], expected: str) -> None:
     with pytest.raises(SettingsError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         attach(llama(), sink=MemorySink(), **overrides)
 
@@ -128,11 +129,14 @@ def test_non_finite_values_are_flagged() -> None:
 
 
 def test_unsampled_passes_do_no_tensor_work(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
+    calls: list[int] = []
     original = collector.runtime.layer_pass
-    monkeypatch.setattr(
-        collector.runtime, "layer_pass", lambda *a, **k: calls.append(1) or original(*a, **k)
-    )
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(collector.runtime, "layer_pass", counted)
     model = llama()
     sink = MemorySink()
     with torch.no_grad(), attach(model, sink=sink, sample_rate=1.0, min_context_tokens=1000):
