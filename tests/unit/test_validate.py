@@ -151,30 +151,10 @@ def test_lowest_error_breaks_ties_by_the_mean_error() -> None:
     assert lowest_error(p95, 1, mean).tolist() == [[False, True, False]]
 
 
-def test_cli_writes_the_markdown_table(tmp_path: Path) -> None:
+def test_cli_writes_the_markdown_table(tmp_path: Path, model_dir: Path) -> None:
     from headwatch.policy import KvPolicy, write_policy
-    from headwatch.prompts import synthetic_text
-    from headwatch.training.tokenizer import save_tokenizer, train_tokenizer
     from headwatch.validate import main
 
-    model_dir = tmp_path / "model"
-    save_tokenizer(
-        train_tokenizer([synthetic_text(30_000, seed=1)], vocab_size=300),
-        model_dir,
-        model_max_length=512,
-    )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=0,
-    )
-    LlamaForCausalLM(config).save_pretrained(model_dir)
     streaming = np.array([[True, False], [False, False]])
     write_policy(
         KvPolicy("tiny", S, R, streaming, np.full((2, 2), 0.01), "test"), tmp_path / "policy"
