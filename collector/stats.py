@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from collector.schema import DEFAULT_TOP_K, core_stat_names
-from collector.topk import keys_for_target, top_values
+from collector.topk import keys_for_target, sorted_descending, top_values
 
 # Float32 probabilities carry ~1e-7 relative error each: a cumulative mass within this fraction of
 # the target counts as reaching it, so exact ties (e.g. 900 of 1000 equal keys) count exactly.
@@ -294,7 +294,7 @@ def finish_stacked(
     else:
         output = torch.stack([p.out if p.out_is_output else p.out / p.total for p in partials])
     top = _pad([p.top for p in partials], -math.inf)
-    cum_top = torch.exp(top.sort(dim=-1, descending=True).values - lse).cumsum(-1)
+    cum_top = torch.exp(sorted_descending(top) - lse).cumsum(-1)
     top_masses = cum_top[..., [min(k, top.shape[-1]) - 1 for k in spec.top_k]]
     atoms = None
     if any(p.atom is not None for p in partials):
