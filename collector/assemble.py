@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from collector.plan import PassPlan
+from collector.plan import PassPlan, RowPlan, key_offset
 from collector.schema import HeadStatsMessage, MessageHeader, core_stat_names
 
 _VOLATILE_CONFIG_KEYS = frozenset(
@@ -54,6 +54,7 @@ class Layout:
     recent_tokens: int
     top_k: tuple[int, ...]
     sample_rate: float
+    middle_keys: int = 0  # positions of the largest middle keys per head; 0: none
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -94,6 +95,7 @@ def assemble(plan: PassPlan, identity: Identity, layout: Layout) -> list[HeadSta
     else:
         return []
     skipped = count < layout.num_layers
+    middle = _middle_indices(plan, layout, heads) if layout.middle_keys else None
     messages = []
     now = time.time()
     for i, row in enumerate(plan.rows):
@@ -112,6 +114,11 @@ def assemble(plan: PassPlan, identity: Identity, layout: Layout) -> list[HeadSta
             flags.append("non_finite")
         if skipped:
             flags.append("layers_skipped")
+        positions = None
+        if middle is not None:
+            positions = _middle_positions(
+                middle, i, row, layout.num_layers, np.isfinite(table).all(0)
+            )
         header = MessageHeader(
             message_id=uuid.uuid4().hex,
             model_name=identity.model_name,
@@ -134,6 +141,7 @@ def assemble(plan: PassPlan, identity: Identity, layout: Layout) -> list[HeadSta
             visible_keys=tuple(visible),
             flags=tuple(flags),  # type: ignore[arg-type]
             stat_names=names,
+            top_middle_positions=positions,
         )
         # Clip float noise at the domain edges (a mass of 1 + 1e-7, an entropy of -1e-8).
         masses = [j for j, n in enumerate(names) if n.endswith("_mass")]
@@ -141,3 +149,44 @@ def assemble(plan: PassPlan, identity: Identity, layout: Layout) -> list[HeadSta
         table[masses] = np.minimum(table[masses], 1.0)
         messages.append(HeadStatsMessage.build(header, stats))
     return messages
+
+
+def _middle_indices(
+    plan: PassPlan, layout: Layout, heads: int
+) -> dict[int, tuple[int, np.ndarray]]:
+    """Return layer -> (slot of key 0, (rows, heads, m) key indices) of the largest middle keys."""
+    found = {}
+    for layer, partial in plan.partials.items():
+        if partial.middle_index is None or layer >= layout.num_layers:
+            continue
+        index = partial.middle_index.reshape(len(plan.rows), heads, -1).cpu().numpy()
+        found[layer] = (key_offset(plan.total_slots, plan.key_counts[layer]), index)
+    return found
+
+
+def _middle_positions(
+    middle: dict[int, tuple[int, np.ndarray]],
+    i: int,
+    row: RowPlan,
+    num_layers: int,
+    valid: np.ndarray,
+) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Return per layer, per head, the absolute positions of row `i`'s largest middle keys.
+
+    () where a layer was not measured or a head's statistics are not finite (`valid`: layers x heads).
+    """
+    heads = valid.shape[1]
+    layers: list[tuple[tuple[int, ...], ...]] = []
+    for layer in range(num_layers):
+        if layer not in middle:
+            layers.append(((),) * heads)
+            continue
+        offset, index = middle[layer]
+        per_head = []
+        for head in range(heads):
+            keys = index[i, head]
+            slots = keys[keys >= 0] + offset
+            positions = row.positions[slots] if valid[layer, head] else slots[:0]
+            per_head.append(tuple(int(p) for p in positions if p >= 0))
+        layers.append(tuple(per_head))
+    return tuple(layers)

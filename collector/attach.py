@@ -151,8 +151,9 @@ def attach(
     identity = model_identity(model, settings)
     top_k = settings.effective_top_k()
     layout = Layout(
-        num_layers, settings.sink_tokens, settings.recent_tokens, top_k, settings.sample_rate
-    )
+        num_layers, settings.sink_tokens, settings.recent_tokens, top_k, settings.sample_rate,
+        settings.top_middle_positions,
+    )  # fmt: skip
     policy = SamplingPolicy(
         sample_rate=settings.sample_rate,
         min_context_tokens=settings.min_context_tokens,
@@ -173,7 +174,9 @@ def attach(
         on_error=lambda: metrics.hook_errors.labels(model_name=name).inc(),
         on_disable=lambda: metrics.hook_enabled.labels(model_name=name).set(0),
     )
-    spec = StatsSpec(top_k=top_k, chunk_keys=settings.chunk_keys)
+    spec = StatsSpec(
+        top_k=top_k, chunk_keys=settings.chunk_keys, middle_keys=settings.top_middle_positions
+    )
     collector = PassCollector(sampler, spec, identity, layout, sink.publish, metrics, guard)
     undo: list[Callable[[], None]] = []
     targets = install(modules)

@@ -184,6 +184,24 @@ def _check_layout(header: schema.MessageHeader) -> None:
             f"visible_keys has {len(header.visible_keys)} entries, expected {header.num_layers}",
         )
     _check_stat_names(header.stat_names, header.top_k)
+    if header.top_middle_positions is not None:
+        _check_middle_positions(header)
+
+
+def _check_middle_positions(header: schema.MessageHeader) -> None:
+    layers = header.top_middle_positions or ()
+    if len(layers) != header.num_layers or any(len(h) != header.num_query_heads for h in layers):
+        raise schema.SchemaError(
+            "shape",
+            f"top_middle_positions must be {header.num_layers} layers x "
+            f"{header.num_query_heads} heads, got {len(layers)} layers of "
+            f"{sorted({len(h) for h in layers})} heads",
+        )
+    if any(p > header.query_position for heads in layers for ps in heads for p in ps):
+        raise schema.SchemaError(
+            "out_of_range",
+            f"top_middle_positions must lie at or before query_position {header.query_position}",
+        )
 
 
 @functools.lru_cache(maxsize=64)  # only names that pass are cached: a raise is not

@@ -51,6 +51,7 @@ class PassPlan:
     # (layers, n, heads, stats) in core_stat_names order, and the visible keys (layers, n).
     stacked: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
     layout: dict[str, int] = field(default_factory=dict)
+    key_counts: dict[int, int] = field(default_factory=dict)  # layer -> keys its kernel read
     stats_seconds: float = 0.0
     _keep_cache: dict[tuple[int, int, str], tuple[torch.Tensor, ...]] = field(default_factory=dict)
     # Layers that share key count, window and mask share their bias rows: built once per pass.

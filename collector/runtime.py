@@ -212,6 +212,7 @@ class PassCollector:
             output if isinstance(output, torch.Tensor) else None,
         )  # fmt: skip
         plan.partials[layer] = layer_pass(inputs, float(scaling), self.spec, kwargs.get("softcap"))
+        plan.key_counts[layer] = key.shape[2]
         plan.layout.setdefault("kv_heads", key.shape[1])
         plan.layout.setdefault("head_dim", query.shape[-1])
         plan.layout.setdefault("kv_dtype_bytes", key.element_size())

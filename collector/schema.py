@@ -39,6 +39,8 @@ MAX_HEADS = 1024
 # Token counts fit a signed 32-bit integer (2**31 - 1: far beyond any context); larger values are
 # poison, not data, and would overflow the exporter's fixed-width arithmetic.
 MAX_TOKENS = 2**31 - 1
+# Opt-in positions of the largest middle keys: at most this many per head.
+MAX_MIDDLE_KEYS = 64
 
 DEFAULT_TOP_K = (1, 16, 256)
 
@@ -123,7 +125,22 @@ class MessageHeader(BaseModel):
     visible_keys: tuple[Annotated[int, Field(ge=0, le=MAX_TOKENS)], ...]
     flags: tuple[Flag, ...] = ()
     stat_names: tuple[str, ...]
-    top_middle_positions: tuple[tuple[tuple[int, ...], ...], ...] | None = None
+    # Opt-in (`top_middle_positions` setting): per layer, per query head, the absolute token
+    # positions (never the content) of the largest middle keys, largest first; () where a layer
+    # or head was not measured. None when not collected.
+    top_middle_positions: (
+        tuple[
+            tuple[
+                Annotated[
+                    tuple[Annotated[int, Field(ge=0, le=MAX_TOKENS)], ...],
+                    Field(max_length=MAX_MIDDLE_KEYS),
+                ],
+                ...,
+            ],
+            ...,
+        ]
+        | None
+    ) = None
 
     @property
     def query_heads_per_kv_head(self) -> int:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from collector.errors import SettingsError
-from collector.schema import DEFAULT_TOP_K, TOPIC, core_stat_names
+from collector.schema import DEFAULT_TOP_K, MAX_MIDDLE_KEYS, TOPIC, core_stat_names
 
 _TOP_K = re.compile(r"^top([1-9][0-9]*)_mass$")
 _KNOWN_STATS = frozenset({"middle_mass", *core_stat_names(())})
@@ -54,6 +54,9 @@ class CollectorSettings(BaseSettings):
     recent_tokens: Annotated[int, Field(ge=0)] = 256
     top_k: tuple[Annotated[int, Field(ge=1)], ...] = DEFAULT_TOP_K
     stats: tuple[str, ...] | None = None
+    # Positions (never content) of this many largest middle keys per head, in each message;
+    # 0 (the default) collects none. Each adds about 6 bytes x layers x heads to a message.
+    top_middle_positions: Annotated[int, Field(ge=0, le=MAX_MIDDLE_KEYS)] = 0
     decode_every: Annotated[int, Field(ge=0)] = 0
     max_decode_samples: Annotated[int, Field(ge=0)] = 8
     layers: tuple[Annotated[int, Field(ge=0)], ...] | None = None

@@ -51,6 +51,9 @@ class StatsSpec:
     top_k: tuple[int, ...] = DEFAULT_TOP_K
     mass_target: float = 0.9
     chunk_keys: int = 65536
+    # How many of the largest middle keys (visible, outside the sink+recent keep-set) to report
+    # by index; 0 (the default) computes nothing for them.
+    middle_keys: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,9 @@ class LayerPartial:
     solved: torch.Tensor
     keys_needed: torch.Tensor | None  # rows not `solved` by the top-k; None when all are
     out_is_output: bool = False  # `out` is the attention output itself, not the unnormalised sum
+    # (n, kv_heads, group, spec.middle_keys) key indices of the largest middle keys, largest
+    # first, -1 past the last visible one; None unless spec.middle_keys > 0.
+    middle_index: torch.Tensor | None = None
 
 
 def row_statistics(
@@ -169,8 +175,11 @@ def layer_pass(
     bounds = chunk_bounds(total_keys, spec.chunk_keys)
     high = total = entropy_sum = out = top = shifted = weights = rows.query  # set by chunk 0
     keep_raw = None
+    middle: tuple[torch.Tensor, torch.Tensor] | None = None
     for i, (start, stop) in enumerate(bounds):
         logits = logits_of(start, stop)
+        if spec.middle_keys:
+            middle = _largest_middle(logits, rows, start, spec.middle_keys, middle)
         if len(bounds) == 1:  # the keep-set's logits, read before they are shifted in place
             index = rows.keep_index.reshape(n, 1, 1, -1).expand(n, kv_heads, group, -1)
             keep_raw = logits.gather(-1, index)
@@ -236,10 +245,41 @@ def layer_pass(
         keep_values = keep_values.float()
     if rows.output is not None:  # the kernel's output: already divided by the total
         out = rows.output
+    middle_index = None
+    if middle is not None:  # masked keys (and the -inf fill) are not middle keys
+        middle_index = middle[1].masked_fill_(middle[0] <= _MASKED / 2, -1)
     return LayerPartial(
         high, total, entropy_sum, atom, out, top, keep_logits, keep_values,
-        rows.keep_is_sink, visible, solved, keys_needed, rows.output is not None,
+        rows.keep_is_sink, visible, solved, keys_needed, rows.output is not None, middle_index,
     )  # fmt: skip
+
+
+def _largest_middle(
+    logits: torch.Tensor,
+    rows: RowInputs,
+    start: int,
+    count: int,
+    previous: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (logits, key indices), each (n, kv_heads, group, <= count), of the largest middle keys so far.
+
+    logits: (n, kv_heads, group, width) of keys start..start + width, before any in-place shift.
+    Middle keys are those outside the sink+recent keep-set; masked ones are dropped by the caller.
+    """
+    width = logits.shape[-1]
+    local = rows.keep_index - start
+    inside = rows.keep_valid & (local >= 0) & (local < width)
+    # A count per key: padding entries of the keep-set add 0 wherever they point.
+    kept = torch.zeros(local.shape[0], width, dtype=torch.int32, device=logits.device)
+    kept.scatter_add_(1, local.clamp(0, width - 1), inside.to(torch.int32))
+    candidates = logits.masked_fill(kept.bool()[:, None, None, :], -math.inf)
+    values, index = candidates.topk(min(count, width), dim=-1)
+    index = index + start
+    if previous is not None:
+        merged = torch.cat([previous[0], values], -1)
+        values, order = merged.topk(min(count, merged.shape[-1]), dim=-1)
+        index = torch.cat([previous[1], index], -1).gather(-1, order)
+    return values, index
 
 
 def _pad(tensors: list[torch.Tensor], value: float | bool, dim: int = -1) -> torch.Tensor:
