@@ -13,6 +13,10 @@ medians of interleaved repeats. Unit-variance random keys give near-uniform atte
 so that a few keys hold most of the mass (peaked heads, as most trained heads are: the top-k
 answers `keys_for_90pct` and no extra pass runs).
 
+`--geometry llama3.2-1b` (16 layers, 32 query / 8 KV heads of 64; 4.9 GB in float32) is a real
+model's shape that fits this machine's memory with a 64K-token cache: there the decode step reads
+weights and cache as a served model does, while the tiny model is the worst case for the ratio
+(fixed per-operation costs against a decode step that does almost nothing).
 `--geometry llama3-8b` builds a random-weight model of Llama-3-8B's shape (32 layers, hidden 4096,
 32 query / 8 KV heads of 128, MLP 14336, vocabulary 128256; 16 GB in bf16) directly on the
 device: the decode step then reads the weights and the cache as a real one does. On CUDA every
@@ -35,6 +39,7 @@ from _common import llama, report
 # name: (layers, hidden, heads, kv_heads, head_dim, intermediate, vocab)
 GEOMETRIES = {
     "tiny": (4, 256, 8, 2, 32, 512, 256),
+    "llama3.2-1b": (16, 2048, 32, 8, 64, 8192, 128256),
     "llama3-8b": (32, 4096, 32, 8, 128, 14336, 128256),
 }
 

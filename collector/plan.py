@@ -133,6 +133,20 @@ def _bias_rows(
     return torch.zeros((n, keys), device=device).masked_fill(~visible, -math.inf)
 
 
+def _sees_every_key(plan: PassPlan, keys: int, sliding_window: int | None) -> bool:
+    """Whether every row sees all `keys` keys when no mask is given: each query is at or after
+    the last key's slot, and within the sliding window of the first."""
+    offset = key_offset(plan.total_slots, keys)
+    if offset + keys > plan.total_slots:  # a static cache: slots past the sequence are empty
+        return False
+    for row in plan.rows:
+        if row.query_slot < offset + keys - 1:
+            return False
+        if sliding_window is not None and row.query_slot - offset >= sliding_window:
+            return False
+    return True
+
+
 def _keep_rows(
     plan: PassPlan, keys: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -217,6 +231,11 @@ def layer_inputs(
     keep_index, keep_is_sink, keep_valid = _keep_rows(plan, keys, device)
     cache_key = (keys, sliding_window, is_causal, None if mask is None else id(mask), str(device))
     cached = plan._bias_cache.get(cache_key)
+    if cached is None and mask is None and _sees_every_key(plan, keys, sliding_window):
+        # The common decode step: nothing masked, no tensor to inspect (and no host sync).
+        visible = torch.full((len(plan.rows),), keys, device=device)
+        cached = (None, torch.zeros((len(plan.rows), keys), device=device), visible, True)
+        plan._bias_cache[cache_key] = cached
     if cached is None:
         bias = _bias_rows(plan, keys, mask, sliding_window, is_causal, device)
         # The mask is kept with its entry so that its id cannot be reused within the pass. A host

@@ -188,9 +188,10 @@ def _select_host(
         bin_count += inside.sum(1)
         if bin_count.max() > _MAX_SORTED:  # near-ties: stop gathering those rows' keys
             inside &= (bin_count <= _MAX_SORTED)[:, None]
-        row, column = np.nonzero(inside)
-        picked_rows.append(row)
-        picked_weights.append(weights[row, column])
+        # flatnonzero: several times faster than a 2-D nonzero on a sparse mask
+        flat = np.flatnonzero(inside)
+        picked_rows.append(flat // inside.shape[1])
+        picked_weights.append(weights.reshape(-1)[flat])
     row = np.concatenate(picked_rows)
     picked_count = np.bincount(row, minlength=rows)
     exact = count_above + 1
