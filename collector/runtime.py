@@ -104,7 +104,9 @@ class PassCollector:
         self.identity = identity
         self.layout = layout
         self._emit = emit
-        self._metrics = metrics
+        # The labelled children, looked up once: labels() takes a lock and a dict lookup per call.
+        self._sampled = metrics.sampled.labels(model_name=identity.model_name)
+        self._stats_seconds = metrics.stats_seconds.labels(model_name=identity.model_name)
         self.guard = guard
         self._local = threading.local()
         self._requests: weakref.WeakKeyDictionary[Any, RequestState] = weakref.WeakKeyDictionary()
@@ -243,10 +245,8 @@ class PassCollector:
                     else:
                         plan.stacked = (layers, *stacked)
                 messages = assemble(plan, self.identity, self.layout)
-                self._metrics.sampled.labels(model_name=self.identity.model_name).inc()
-                self._metrics.stats_seconds.labels(model_name=self.identity.model_name).observe(
-                    plan.stats_seconds + time.perf_counter() - started
-                )
+                self._sampled.inc()
+                self._stats_seconds.observe(plan.stats_seconds + time.perf_counter() - started)
                 for message in messages:
                     self._emit(message)
                 self.guard.succeeded()

@@ -31,7 +31,7 @@ _MAX_SORTED = 16384
 _BLOCK = 32
 
 
-def _on_host(t: torch.Tensor) -> bool:
+def on_host(t: torch.Tensor) -> bool:
     """Whether the numpy paths apply: the tensor is in CPU memory."""
     return t.device.type == "cpu"
 
@@ -52,7 +52,7 @@ def top_values(logits: torch.Tensor, k: int) -> torch.Tensor:
     """
     keys = logits.shape[-1]
     if keys < 64 * k:
-        if _on_host(logits) and keys > k:
+        if on_host(logits) and keys > k:
             # Partitions a copy; NaN sorts last in numpy, largest in torch: both leave the row NaN.
             part = np.partition(_host(logits), keys - k, axis=-1)[..., keys - k :]
             return torch.from_numpy(np.ascontiguousarray(part))
@@ -75,7 +75,7 @@ def sorted_descending(values: torch.Tensor) -> torch.Tensor:
     values per row sorted here. NaN goes last (numpy) or first (torch); rows holding one come
     out NaN either way.
     """
-    if _on_host(values):
+    if on_host(values):
         return torch.from_numpy(np.negative(np.sort(np.negative(_host(values)), axis=-1)))
     return values.sort(dim=-1, descending=True).values
 
@@ -95,7 +95,7 @@ def keys_for_target(
     minus the row maximum, clamped as in pass 1; `last` holds the shifted logits and weights of
     pass 1's last chunk, which need no recompute.
     """
-    if _on_host(solved):
+    if on_host(solved):
         return _keys_for_target_host(shifted_of, bounds, target, last, solved, goal)
     rows = solved.numel()
     todo = (~solved).reshape(rows).nonzero().squeeze(1)  # a host sync, on measured rows only

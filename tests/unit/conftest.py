@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import collector.topk
 from headwatch.prompts import synthetic_text
 from headwatch.training.tokenizer import save_tokenizer, train_tokenizer
 
@@ -34,3 +36,13 @@ def fixture_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(out)
     return out
+
+
+@pytest.fixture(name="stats_path", params=["numpy", "torch"])
+def fixture_stats_path(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """Run a statistics test on each path: numpy (what the CPU runs) and torch (what a GPU runs)."""
+    if request.param == "torch":
+        monkeypatch.setattr(collector.topk, "on_host", lambda t: False)
+    yield request.param

@@ -9,6 +9,9 @@ import torch
 
 from collector.stats import RowInputs, StatsSpec, row_statistics
 
+# Each test runs on the numpy (CPU) and the torch (GPU) path: see the stats_path fixture.
+pytestmark = pytest.mark.usefixtures("stats_path")
+
 
 def make_rows(
     keys: int, q_scale: float, masked_prefix: int = 0, kv_heads: int = 2, group: int = 3,

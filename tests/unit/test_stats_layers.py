@@ -10,6 +10,9 @@ import torch
 
 from collector.stats import RowInputs, StatsSpec, chunk_bounds, finish, layer_pass, row_statistics
 
+# Each test runs on the numpy (CPU) and the torch (GPU) path: see the stats_path fixture.
+pytestmark = pytest.mark.usefixtures("stats_path")
+
 
 def make_rows(keys: int, q_scales: list[float], rows: int = 2, seed: int = 0) -> RowInputs:
     """Rows read different batch entries; each query head has its own scale (peaked or spread)."""
