@@ -7,9 +7,10 @@ Usage:
 Both read the whole KV cache once (the floor). The cache is filled with random keys and values
 (a prefill at 64K would take hours on 2 CPU cores); queries come from the model. Reported:
 the plain decode step, the same step with its row measured (all layers), and the collector's own
-`headwatch_collector_stats_seconds` for that row; ratio = stats seconds / plain decode seconds,
-medians of interleaved repeats. Unit-variance random keys give near-uniform attention, where
-`keys_for_90pct` needs its two extra passes: the worst case. `--key-scale 8` spreads the logits
+`headwatch_collector_stats_seconds` for that row (planning, per-layer statistics, finishing and
+message assembly); ratio = stats seconds / plain decode seconds, step_ratio = (measured step -
+plain step) / plain step, medians of interleaved repeats. Unit-variance random keys give
+near-uniform attention, where `keys_for_90pct` needs its histogram passes: the worst case. `--key-scale 8` spreads the logits
 so that a few keys hold most of the mass (peaked heads, as most trained heads are: the top-k
 answers `keys_for_90pct` and no extra pass runs).
 
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                 "decode_with_row_seconds": round(statistics.median(measured), 5),
                 "row_stats_seconds": round(row, 5),
                 "ratio": round(row / decode, 3),
+                # what the whole step gained, hooks and allocator effects included
+                "step_ratio": round((statistics.median(measured) - decode) / decode, 3),
             }
             print(context, rows[str(context)], file=sys.stderr)
             del cache

@@ -118,10 +118,14 @@ class PassCollector:
         self._local.pending = None
         if not self.guard.enabled:
             return
+        started = time.perf_counter()
         try:
-            self._local.plan = self._decide(args, kwargs)
+            plan = self._local.plan = self._decide(args, kwargs)
         except Exception:
             self.guard.failed("pass decision")
+            return
+        if plan is not None:  # planning a measured pass counts as its cost
+            plan.stats_seconds += time.perf_counter() - started
 
     def _decide(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> PassPlan | None:
         shape, cache, mask = pass_inputs(args, kwargs)
