@@ -37,7 +37,7 @@ import torch
 
 from collector import topk
 from collector.schema import DEFAULT_TOP_K, core_stat_names
-from collector.topk import _host, keys_for_target, sorted_descending, top_values
+from collector.topk import host_view, keys_for_target, sorted_descending, top_values
 
 # Float32 probabilities carry ~1e-7 relative error each: a cumulative mass within this fraction of
 # the target counts as reaching it, so exact ties (e.g. 900 of 1000 equal keys) count exactly.
@@ -404,24 +404,24 @@ def _finish_host(
 
     # torch.stack then one view: several times cheaper than np.stack of small arrays.
     def stacked(name: str) -> np.ndarray:
-        return _host(torch.stack([getattr(p, name) for p in partials]))
+        return host_view(torch.stack([getattr(p, name) for p in partials]))
 
     high, total = stacked("high"), stacked("total")
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         log_total = np.log(total)
         lse = high + log_total
         entropy = log_total - stacked("entropy_sum") / total
-        output = _host(
+        output = host_view(
             torch.stack([p.out if p.out_is_output else p.out / p.total for p in partials])
         )
-        top = _host(_pad([p.top for p in partials], -math.inf))
+        top = host_view(_pad([p.top for p in partials], -math.inf))
         cum_top = np.exp(-np.sort(-top, axis=-1) - lse).cumsum(-1)
         top_masses = cum_top[..., [min(k, top.shape[-1]) - 1 for k in spec.top_k]]
         atoms = None
         if any(p.atom is not None for p in partials):
             atoms = np.stack(
                 [
-                    np.zeros_like(_host(p.total)) if p.atom is None else _host(p.atom)
+                    np.zeros_like(host_view(p.total)) if p.atom is None else host_view(p.atom)
                     for p in partials
                 ]
             )
@@ -433,24 +433,24 @@ def _finish_host(
         if any(p.keys_needed is not None for p in partials):
             refined = np.stack(
                 [
-                    keys_needed[i] if p.keys_needed is None else _host(p.keys_needed)
+                    keys_needed[i] if p.keys_needed is None else host_view(p.keys_needed)
                     for i, p in enumerate(partials)
                 ]
             )
             keys_needed = np.where(stacked("solved"), keys_needed, refined)
-        keep_logits = _host(_pad([p.keep_logits for p in partials], -math.inf))
+        keep_logits = host_view(_pad([p.keep_logits for p in partials], -math.inf))
         keep = np.exp(keep_logits - log_total)
         first = partials[0].keep_is_sink
         if all(p.keep_is_sink is first for p in partials):  # one keep-set for all layers
-            is_sink = _host(first).reshape(1, n, 1, -1, 1)
+            is_sink = host_view(first).reshape(1, n, 1, -1, 1)
         else:
             sinks = _pad([p.keep_is_sink for p in partials], False)
-            is_sink = _host(sinks).reshape(layers, n, 1, -1, 1)
+            is_sink = host_view(sinks).reshape(layers, n, 1, -1, 1)
         sink_mass = np.matmul(keep, is_sink.astype(keep.dtype))
         kept_mass = keep.sum(-1, keepdims=True)
         keep_high = np.nan_to_num(keep_logits.max(-1, keepdims=True), neginf=0.0)
         relative = np.exp(keep_logits - keep_high)
-        values = _host(_pad([p.keep_values for p in partials], 0.0, dim=-2))
+        values = host_view(_pad([p.keep_values for p in partials], 0.0, dim=-2))
         kept = np.matmul(relative, values)
         kept_weight = relative.sum(-1, keepdims=True)
         if atoms is not None:

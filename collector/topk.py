@@ -36,7 +36,7 @@ def on_host(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def _host(t: torch.Tensor) -> np.ndarray:
+def host_view(t: torch.Tensor) -> np.ndarray:
     """Return a numpy view of a CPU tensor."""
     return t.detach().numpy()
 
@@ -54,7 +54,7 @@ def top_values(logits: torch.Tensor, k: int) -> torch.Tensor:
     if keys < 64 * k:
         if on_host(logits) and keys > k:
             # Partitions a copy; NaN sorts last in numpy, largest in torch: both leave the row NaN.
-            part = np.partition(_host(logits), keys - k, axis=-1)[..., keys - k :]
+            part = np.partition(host_view(logits), keys - k, axis=-1)[..., keys - k :]
             return torch.from_numpy(np.ascontiguousarray(part))
         return logits.topk(k, dim=-1, sorted=False).values
     whole = keys // _BLOCK * _BLOCK
@@ -76,7 +76,7 @@ def sorted_descending(values: torch.Tensor) -> torch.Tensor:
     out NaN either way.
     """
     if on_host(values):
-        return torch.from_numpy(np.negative(np.sort(np.negative(_host(values)), axis=-1)))
+        return torch.from_numpy(np.negative(np.sort(np.negative(host_view(values)), axis=-1)))
     return values.sort(dim=-1, descending=True).values
 
 
@@ -129,17 +129,22 @@ def _keys_for_target_host(
     (torch's exp), so the two paths count the same keys.
     """
     rows = solved.numel()
-    todo = np.flatnonzero(~_host(solved).reshape(rows))
-    last_subset = (_host(last[0]).reshape(rows, -1)[todo], _host(last[1]).reshape(rows, -1)[todo])
+    todo = np.flatnonzero(~host_view(solved).reshape(rows))
+    last_subset = (
+        host_view(last[0]).reshape(rows, -1)[todo],
+        host_view(last[1]).reshape(rows, -1)[todo],
+    )
 
     def shifted_weights(i: int) -> tuple[np.ndarray, np.ndarray]:
         if i == len(bounds) - 1:
             return last_subset
         shifted = shifted_of(*bounds[i])
         weights = torch.exp(shifted)
-        return _host(shifted).reshape(rows, -1)[todo], _host(weights).reshape(rows, -1)[todo]
+        return host_view(shifted).reshape(rows, -1)[todo], host_view(weights).reshape(rows, -1)[
+            todo
+        ]
 
-    subset_target = _host(target).reshape(rows)[todo].astype(np.float64)
+    subset_target = host_view(target).reshape(rows)[todo].astype(np.float64)
     counted = _select_host(shifted_weights, len(bounds), subset_target, bounds[-1][1], goal)
     result = np.zeros(rows, dtype=np.float32)
     result[todo] = counted
@@ -197,12 +202,12 @@ def _select_host(
     exact = count_above + 1
     if row.size:
         # Each row's picked weights, largest first, in a table padded with zeros.
-        order = np.lexsort((-np.concatenate(picked_weights).astype(np.float64), row))
-        weights_sorted = np.concatenate(picked_weights).astype(np.float64)[order]
-        row = row[order]
+        picked = np.concatenate(picked_weights).astype(np.float64)
+        order = np.lexsort((-picked, row))  # by row, then largest weight first
+        picked, row = picked[order], row[order]
         starts = np.cumsum(picked_count) - picked_count
         table = np.zeros((rows, max(1, int(picked_count.max()))))
-        table[row, np.arange(row.size) - starts[row]] = weights_sorted
+        table[row, np.arange(row.size) - starts[row]] = picked
         cum_inside = table.cumsum(1) + mass_above[:, None]
         needed = (cum_inside < target[:, None]).sum(1) + 1
         exact = count_above + np.minimum(needed, np.maximum(picked_count, 1))
