@@ -7,7 +7,7 @@ Usage:
 No I/O; `collector.stats` calls both from its pass over the keys. On a GPU everything stays in
 torch on the device. On the CPU the selections and sorts go through numpy, whose introselect,
 vectorised sort and bincount cost a fraction of torch's CPU kernels (and per-operation overhead)
-at a few thousand keys per row: the sampled row of a 4K-token context got 20-30% cheaper.
+at a few thousand keys per row.
 
 `keys_for_90pct` is read from the top-k when the largest k already holds 90% of the mass (peaked
 heads: no extra work, done in `collector.stats`). Otherwise `keys_for_target` builds a 512-bin
@@ -108,9 +108,8 @@ def keys_for_target(
         shifted = shifted_of(*bounds[i]).reshape(rows, -1)[todo]
         return shifted, torch.exp(shifted)
 
-    none_solved = torch.zeros((todo.shape[0], 1), dtype=torch.bool, device=todo.device)
     subset_target = target.reshape(rows, 1)[todo]
-    counted = _select(shifted_weights, len(bounds), subset_target, none_solved, bounds[-1][1], goal)
+    counted = _select(shifted_weights, len(bounds), subset_target, bounds[-1][1], goal)
     return target.new_zeros((rows, 1)).index_copy_(0, todo, counted).reshape(solved.shape)
 
 
@@ -244,7 +243,6 @@ def _select(
     shifted_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
     chunk_count: int,
     target: torch.Tensor,
-    solved: torch.Tensor,
     keys: int,
     goal: float,
 ) -> torch.Tensor:
@@ -252,7 +250,7 @@ def _select(
 
     Pass 1: float64 histograms of weight and of key count over logits in [max - span, max]
     (`_span`: 11 nats at 4K keys, 15 at 128K). Pass 2 takes the keys of the bin where the
-    cumulative weight crosses the target (rows already `solved` are skipped), sorts their weights
+    cumulative weight crosses the target, sorts their weights
     and counts within it. When that bin holds more than `_MAX_SORTED` keys (near-ties), its keys
     are counted as equal: their logits differ by less than the bin width (span / 512 nats).
     """
@@ -268,8 +266,6 @@ def _select(
     cum_mass = mass.cumsum(-1)
     crossing = (cum_mass < target).sum(-1, keepdim=True).clamp_(max=_BINS - 1)
     mass_above = cum_mass.gather(-1, (crossing - 1).clamp_(min=0)).masked_fill_(crossing == 0, 0.0)
-    # Rows already solved select nothing: no key lands in bin _BINS.
-    unsolved = crossing.masked_fill(solved, _BINS)
     count_above = torch.zeros_like(crossing)
     bin_count = torch.zeros_like(crossing)
     picked_count = torch.zeros_like(crossing)
@@ -282,7 +278,7 @@ def _select(
             bins = _bins(shifted, span, has_nan)
         # int32 sums: a bool sum to int64 would first copy the mask to int64.
         count_above += (bins < crossing).sum(-1, keepdim=True, dtype=torch.int32)
-        inside = bins == unsolved
+        inside = bins == crossing
         counts = inside.sum(-1, keepdim=True, dtype=torch.int32)
         bin_count += counts
         if int(bin_count.max()) > _MAX_SORTED:  # near-ties: stop gathering those rows' keys
