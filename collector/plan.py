@@ -53,12 +53,16 @@ class PassPlan:
     layout: dict[str, int] = field(default_factory=dict)
     key_counts: dict[int, int] = field(default_factory=dict)  # layer -> keys its kernel read
     stats_seconds: float = 0.0
-    _keep_cache: dict[tuple[int, int, str], tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    _keep_cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, ...]] = field(
+        default_factory=dict
+    )
     # Layers that share key count, window and mask share their bias rows: built once per pass.
     _bias_cache: dict[tuple[object, ...], tuple[object, torch.Tensor, torch.Tensor, bool]] = field(
         default_factory=dict
     )
-    _index_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _index_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict
+    )
 
 
 def plan_rows(
@@ -76,6 +80,12 @@ def plan_rows(
     total = mask_rows.shape[1]
     plans: list[RowPlan] = []
     for b, mask in zip(batch_indices, mask_rows, strict=True):
+        if mask.all():  # no padding: slots are positions (the common case, a few arrays less)
+            slot = total - 1
+            sink = np.arange(min(sink_tokens, total))
+            recent = np.arange(max(sink_tokens, total - recent_tokens), total)
+            plans.append(RowPlan(b, query_len - 1, slot, slot, np.arange(total), sink, recent))
+            continue
         real = mask.astype(bool)
         block = np.flatnonzero(real[total - query_len :])
         if block.size == 0:
@@ -151,7 +161,7 @@ def _keep_rows(
     plan: PassPlan, keys: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return keep_index, keep_is_sink, keep_valid (n, J) for this layer's key count."""
-    cached = plan._keep_cache.get((keys, 0, str(device)))
+    cached = plan._keep_cache.get((keys, 0, device))
     if cached is not None:
         index, is_sink, valid = cached
         return index, is_sink, valid
@@ -176,7 +186,7 @@ def _keep_rows(
         torch.from_numpy(is_sink_np).to(device),
         torch.from_numpy(valid_np).to(device),
     )
-    plan._keep_cache[(keys, 0, str(device))] = result
+    plan._keep_cache[(keys, 0, device)] = result
     return result
 
 
@@ -197,13 +207,13 @@ def layer_inputs(
     output: what the kernel returned, (batch, q, heads, d), used when it is float32.
     """
     device = query.device
-    indices = plan._index_cache.get(str(device))
+    indices = plan._index_cache.get(device)
     if indices is None:
         indices = (
             torch.tensor([r.batch_index for r in plan.rows], device=device),
             torch.tensor([r.query_row for r in plan.rows], device=device),
         )
-        plan._index_cache[str(device)] = indices
+        plan._index_cache[device] = indices
     batch, rows = indices
     heads, kv_heads = query.shape[1], key.shape[1]
     if heads % kv_heads:
@@ -229,7 +239,7 @@ def layer_inputs(
         row_output = row_output.reshape(picked.shape)
     keys = key.shape[2]
     keep_index, keep_is_sink, keep_valid = _keep_rows(plan, keys, device)
-    cache_key = (keys, sliding_window, is_causal, None if mask is None else id(mask), str(device))
+    cache_key = (keys, sliding_window, is_causal, None if mask is None else id(mask), device)
     cached = plan._bias_cache.get(cache_key)
     if cached is None and mask is None and _sees_every_key(plan, keys, sliding_window):
         # The common decode step: nothing masked, no tensor to inspect (and no host sync).

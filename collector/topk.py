@@ -3,8 +3,12 @@
 Usage:
     top = top_values(logits, 256)  # (..., 256) the largest logits of each row, unsorted
     needed = keys_for_target(shifted_of, bounds, target, last, solved, 0.9 * (1 - 1e-6))
+    # CPU, every key in one chunk: bin once, then read both from the bins
+    binned = bin_shifted(shifted, -87.0)
+    top = top_from_bins(binned, logits, 256)
+    needed = keys_from_bins(binned, weights, target, solved)
 
-No I/O; `collector.stats` calls both from its pass over the keys. On a GPU everything stays in
+No I/O; `collector.stats` calls these from its pass over the keys. On a GPU everything stays in
 torch on the device. On the CPU the selections and sorts go through numpy, whose introselect,
 vectorised sort and bincount cost a fraction of torch's CPU kernels (and per-operation overhead)
 at a few thousand keys per row.
@@ -14,12 +18,17 @@ heads: no extra work, done in `collector.stats`). Otherwise `keys_for_target` bu
 histogram of the mass over the band of logits that must hold the crossing, finds the bin where the
 cumulative mass crosses the target, and sorts only that bin's keys. Near-ties (more than
 `_MAX_SORTED` keys in the crossing bin) are counted as equal keys.
+
+On the CPU, rows whose keys are all in one chunk (up to `StatsSpec.chunk_keys`, 64K by default)
+are binned once over the whole clamped range (`bin_shifted`): the top-k gathers the keys of the
+bins that reach k, and `keys_from_bins` adds the mass per bin and sorts the crossing bin only.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,6 +38,12 @@ import torch
 _BINS = 512
 _MAX_SORTED = 16384
 _BLOCK = 32
+# On the CPU, rows of at least this many times k keys fold to a bound (`_top_values_host`); in a
+# serving process (cold caches between layers) its extra numpy calls cost more than they save
+# below it.
+_FOLD_FROM = 32
+# Bins of `bin_shifted` (rows held in one chunk, on the CPU): 0.085 nats each over 87.
+_HOST_BINS = 1024
 
 
 def on_host(t: torch.Tensor) -> bool:
@@ -44,18 +59,21 @@ def host_view(t: torch.Tensor) -> np.ndarray:
 def top_values(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Return (..., k) the k largest logits of each row, unsorted.
 
-    On the CPU, below 64 k keys, numpy's introselect (`np.partition`) is about 1.7x faster than
-    torch's top-k on fresh data. From 64 k keys on, torch's CPU top-k switches from
-    std::nth_element to std::partial_sort, which is several times slower on unordered data. There
-    the k-th largest of the 32-key block maxima (k distinct keys reach it) bounds the k-th largest
-    logit from below: only keys at or above it are gathered and ranked.
+    On the CPU `_top_values_host` bounds the k-th largest from below by folding the row, and
+    selects among the few keys above the bound with numpy. On a device, below 64 k keys, torch's
+    top-k. From 64 k keys on, torch's top-k switches from std::nth_element to std::partial_sort,
+    which is several times slower on unordered data (this matters where a test runs the device
+    path on the CPU). There the k-th largest of the 32-key block maxima (k distinct keys reach
+    it) bounds the k-th largest logit from below: only keys at or above it are gathered and ranked.
     """
     keys = logits.shape[-1]
+    if on_host(logits) and keys > k:
+        if keys < _FOLD_FROM * k:
+            return _partition_top(host_view(logits).reshape(-1, keys), k).reshape(
+                *logits.shape[:-1], k
+            )
+        return _top_values_host(logits, k)
     if keys < 64 * k:
-        if on_host(logits) and keys > k:
-            # Partitions a copy; NaN sorts last in numpy, largest in torch: both leave the row NaN.
-            part = np.partition(host_view(logits), keys - k, axis=-1)[..., keys - k :]
-            return torch.from_numpy(np.ascontiguousarray(part))
         return logits.topk(k, dim=-1, sorted=False).values
     whole = keys // _BLOCK * _BLOCK
     block_max = logits[..., :whole].unflatten(-1, (whole // _BLOCK, _BLOCK)).amax(-1)
@@ -66,6 +84,50 @@ def top_values(logits: torch.Tensor, k: int) -> torch.Tensor:
         return logits.topk(k, dim=-1, sorted=False).values
     table = _rows_table([(logits[above], counts)], counts, -math.inf)
     return table.topk(k, dim=-1, sorted=False).values.reshape(*logits.shape[:-1], k)
+
+
+def _top_values_host(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """`top_values` in numpy: a lower bound of the k-th largest by folding, then a small partition.
+
+    Folding a row in halves (the elementwise maximum of its two halves, repeated) leaves the
+    maxima of disjoint groups of keys; the k-th largest of at least 2k such maxima has k distinct
+    keys at or above it, so every key of the top k is too. On near-uniform rows about 1.4k keys
+    pass (at any length), and partitioning those costs far less than introselect over the row
+    (`np.partition` of 4096 keys: 180 us for 8 rows; this: about 100 us). Rows where the bound
+    lets too many keys through (ties, masked keys) or hold NaN take the plain partition.
+    """
+    keys = logits.shape[-1]
+    rows = host_view(logits).reshape(-1, keys)
+    folded = rows
+    while folded.shape[1] >= 4 * k:
+        half = folded.shape[1] // 2  # an odd last group maximum is left out: still a lower bound
+        folded = np.maximum(folded[:, :half], folded[:, half : 2 * half])
+    # Too few keys to fold (nothing to gain), or NaN: the bound would drop it from its row.
+    if folded is rows or np.isnan(folded).any():
+        return _partition_top(rows, k).reshape(*logits.shape[:-1], k)
+    width = folded.shape[1]
+    bound = np.partition(folded, width - k, axis=1)[:, width - k, None]
+    flat = np.flatnonzero(rows >= bound)  # row-major: grouped by row
+    counts = np.diff(np.searchsorted(flat, np.arange(1, rows.shape[0] + 1) * keys), prepend=0)
+    widest = int(counts.max())
+    if widest > keys // 2:  # ties or masked keys at the bound: no gain
+        return _partition_top(rows, k).reshape(*logits.shape[:-1], k)
+    table = np.full((rows.shape[0], widest), -np.inf, dtype=rows.dtype)
+    # Boolean assignment fills in row-major order, the order of `flat`.
+    table[np.arange(widest) < counts[:, None]] = rows.reshape(-1)[flat]
+    # A vectorised sort of a few hundred values is faster than introselect on them.
+    top = np.sort(table, axis=1)[:, widest - k :]
+    return torch.from_numpy(np.ascontiguousarray(top)).reshape(*logits.shape[:-1], k)
+
+
+def _partition_top(rows: np.ndarray, k: int) -> torch.Tensor:
+    """Return (rows, k) the k largest of each row, unsorted (numpy's introselect on a copy).
+
+    NaN sorts last in numpy, largest in torch: both leave the row NaN.
+    """
+    width = rows.shape[1]
+    part = np.partition(rows, width - k, axis=1)[:, width - k :]
+    return torch.from_numpy(np.ascontiguousarray(part))
 
 
 def sorted_descending(values: torch.Tensor) -> torch.Tensor:
@@ -161,64 +223,167 @@ def _select_host(
     rows = target.shape[0]
     span = _span(keys, goal)
     has_nan = bool(np.isnan(target).any())
-    offsets = (np.arange(rows) * _BINS)[:, None]
+    offsets = np.arange(rows) * _BINS
 
     def bins_of(shifted: np.ndarray) -> np.ndarray:
+        """Return (rows, width) bin ids, each row's offset included (one bincount for all rows)."""
         raw = np.minimum(shifted * np.float32(-_BINS / span), np.float32(_BINS - 1))
         if has_nan:  # NaN rows come out as NaN anyway; their keys only need a valid bin
             np.nan_to_num(raw, copy=False, nan=_BINS - 1)
-        return raw.astype(np.intp)  # non-negative: truncation is floor
+        return raw.astype(np.intp) + offsets[:, None]  # non-negative: truncation is floor
 
     mass = np.zeros(rows * _BINS)
+    count = np.zeros(rows * _BINS, dtype=np.intp)
     last_bins = np.empty(0, dtype=np.intp)
     for i in range(chunk_count):
         shifted, weights = shifted_weights(i)
         last_bins = bins_of(shifted)
-        flat = (last_bins + offsets).ravel()
-        mass += np.bincount(flat, weights=weights.ravel(), minlength=rows * _BINS)
-    cum_mass = mass.reshape(rows, _BINS).cumsum(1)
-    crossing = np.minimum((cum_mass < target[:, None]).sum(1), _BINS - 1)
+        mass += np.bincount(last_bins.ravel(), weights=weights.ravel(), minlength=rows * _BINS)
+        count += np.bincount(last_bins.ravel(), minlength=rows * _BINS)
+
+    def chunk(i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i == chunk_count - 1:
+            return last_bins, shifted_weights(i)[1]
+        shifted, weights = shifted_weights(i)
+        return bins_of(shifted), weights
+
+    histogram = (mass.reshape(rows, _BINS), count.reshape(rows, _BINS))
+    return _count_to_target(histogram, offsets, target, chunk, chunk_count)
+
+
+def _count_to_target(
+    histogram: tuple[np.ndarray, np.ndarray],
+    offsets: np.ndarray,
+    target: np.ndarray,
+    chunk: Callable[[int], tuple[np.ndarray, np.ndarray]],
+    chunk_count: int,
+) -> np.ndarray:
+    """Return (rows,) the fewest keys, largest first, whose weight reaches each row's `target`.
+
+    histogram: (rows, bins) weight and key count per bin, bin 0 the largest keys. offsets:
+    (rows,) each row's first bin id in the ids that `chunk(i)` returns with that chunk's weights,
+    both (rows, width). The keys above the crossing bin are counted from the histogram; only
+    the crossing bin's keys are gathered and sorted.
+    """
+    mass, count = histogram
+    rows, bins = mass.shape
+    cum_mass = mass.cumsum(1)
+    crossing = np.minimum((cum_mass < target[:, None]).sum(1), bins - 1)
     everyone = np.arange(rows)
-    mass_above = np.where(crossing > 0, cum_mass[everyone, np.maximum(crossing - 1, 0)], 0.0)
-    count_above = np.zeros(rows, dtype=np.int64)
-    bin_count = np.zeros(rows, dtype=np.int64)
+    before = np.maximum(crossing - 1, 0)
+    mass_above = np.where(crossing > 0, cum_mass[everyone, before], 0.0)
+    count_above = np.where(crossing > 0, count.cumsum(1)[everyone, before], 0)
+    bin_count = count[everyone, crossing]
+    # Near-ties (a crossing bin this full) are counted as equal keys below: nothing to gather.
+    wide = bin_count > _MAX_SORTED
+    wanted = np.where(wide, -1, crossing + offsets)[:, None]
     picked_rows: list[np.ndarray] = []
     picked_weights: list[np.ndarray] = []
     for i in range(chunk_count):
-        weights = shifted_weights(i)[1]
-        bins = last_bins if i == chunk_count - 1 else bins_of(shifted_weights(i)[0])
-        count_above += (bins < crossing[:, None]).sum(1)
-        inside = bins == crossing[:, None]
-        bin_count += inside.sum(1)
-        if bin_count.max() > _MAX_SORTED:  # near-ties: stop gathering those rows' keys
-            inside &= (bin_count <= _MAX_SORTED)[:, None]
+        ids, weights = chunk(i)
         # flatnonzero: several times faster than a 2-D nonzero on a sparse mask
-        flat = np.flatnonzero(inside)
-        picked_rows.append(flat // inside.shape[1])
+        flat = np.flatnonzero(ids == wanted)
+        picked_rows.append(flat // ids.shape[1])
         picked_weights.append(weights.reshape(-1)[flat])
     row = np.concatenate(picked_rows)
-    picked_count = np.bincount(row, minlength=rows)
     exact = count_above + 1
     if row.size:
-        # Each row's picked weights, largest first, in a table padded with zeros.
         picked = np.concatenate(picked_weights).astype(np.float64)
-        order = np.lexsort((-picked, row))  # by row, then largest weight first
-        picked, row = picked[order], row[order]
-        starts = np.cumsum(picked_count) - picked_count
-        table = np.zeros((rows, max(1, int(picked_count.max()))))
-        table[row, np.arange(row.size) - starts[row]] = picked
-        cum_inside = table.cumsum(1) + mass_above[:, None]
+        if chunk_count > 1:  # regroup the chunks' pieces by row
+            picked = picked[np.argsort(row, kind="stable")]
+        picked_count = np.bincount(row, minlength=rows)
+        widest = int(picked_count.max())
+        # Each row's picked weights in a table padded with zeros, largest first.
+        table = np.zeros((rows, widest))
+        table[np.arange(widest) < picked_count[:, None]] = picked
+        cum_inside = np.sort(table, axis=1)[:, ::-1].cumsum(1) + mass_above[:, None]
         needed = (cum_inside < target[:, None]).sum(1) + 1
         exact = count_above + np.minimum(needed, np.maximum(picked_count, 1))
-    wide = bin_count > _MAX_SORTED
     if wide.any():
         # The keys of a bin this full are counted as equal: their logits differ by less than
         # the bin width.
-        per_key = mass.reshape(rows, _BINS)[everyone, crossing] / np.maximum(bin_count, 1)
+        per_key = mass[everyone, crossing] / np.maximum(bin_count, 1)
         needed = np.ceil((target - mass_above) / np.maximum(per_key, 1e-300) * (1 - 1e-9))
         approximate = count_above + np.minimum(np.maximum(needed, 1), bin_count)
         exact = np.where(wide, approximate, exact)
     return exact.astype(np.float64)
+
+
+@dataclass(frozen=True)
+class HostBins:
+    """Rows held in one chunk, on the CPU, binned once for the top-k and `keys_for_90pct`.
+
+    ids: (rows, keys) bin of each key, row r's bins numbered from r * _HOST_BINS; bin 0 holds
+    the largest keys. counts: (rows, _HOST_BINS) keys per bin.
+    """
+
+    ids: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Return (rows,) the first bin id of each row."""
+        return np.arange(self.counts.shape[0]) * _HOST_BINS
+
+
+def bin_shifted(shifted: torch.Tensor, floor: float) -> HostBins:
+    """Bin (..., keys) shifted logits in [floor, 0] (CPU) into _HOST_BINS equal bins.
+
+    The bins (0.085 nats wide at the 87-nat floor) span the whole clamped range, so that the k-th
+    largest key and the mass crossing of any row, peaked or spread, fall in a bin of few keys.
+    """
+    keys = shifted.shape[-1]
+    values = host_view(shifted).reshape(-1, keys)
+    # Just under _HOST_BINS at the floor: truncation (floor, the values are >= 0) stays in range.
+    raw = values * np.float32((_HOST_BINS - 0.5) / floor)
+    if np.isnan(raw).any():  # a NaN row (flagged upstream): its keys only need a valid bin
+        np.nan_to_num(raw, copy=False, nan=0.0)
+    ids = raw.astype(np.intp)
+    ids += (np.arange(values.shape[0]) * _HOST_BINS)[:, None]
+    counts = np.bincount(ids.ravel(), minlength=values.shape[0] * _HOST_BINS)
+    return HostBins(ids, counts.reshape(values.shape[0], _HOST_BINS))
+
+
+def top_from_bins(binned: HostBins, logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Return (..., k) the k largest of `logits` (the keys `binned` holds, k < keys), unsorted.
+
+    The bins order the keys: the k largest lie in the bins up to the one where the count
+    reaches k. Only those keys are gathered and partitioned: about 1.2k of them on near-uniform
+    rows, fewer on peaked ones.
+    """
+    keys = logits.shape[-1]
+    values = host_view(logits).reshape(-1, keys)
+    reach = (binned.counts.cumsum(1) < k).sum(1)
+    flat = np.flatnonzero(binned.ids <= (reach + binned.offsets)[:, None])  # grouped by row
+    counts = np.bincount(flat // keys, minlength=values.shape[0])
+    widest = int(counts.max())
+    table = np.full((values.shape[0], widest), -np.inf, dtype=values.dtype)
+    # Boolean assignment fills in row-major order, the order of `flat`.
+    table[np.arange(widest) < counts[:, None]] = values.reshape(-1)[flat]
+    return _partition_top(table, k).reshape(*logits.shape[:-1], k)
+
+
+def keys_from_bins(
+    binned: HostBins, weights: torch.Tensor, target: torch.Tensor, solved: torch.Tensor
+) -> torch.Tensor:
+    """`keys_for_target` of rows held in one chunk on the CPU, from their bins: (..., 1).
+
+    Rows `solved` by the top-k come out as 0. The weights are the ones pass 1 computed.
+    """
+    rows, keys = binned.ids.shape
+    todo = np.flatnonzero(~host_view(solved).reshape(rows))
+    ids, flat_weights = binned.ids, host_view(weights).reshape(rows, keys)
+    if todo.size < rows:  # only the rows still to count are read again
+        ids, flat_weights = ids[todo], flat_weights[todo]
+    mass = np.bincount(ids.ravel(), weights=flat_weights.ravel(), minlength=rows * _HOST_BINS)
+    histogram = (mass.reshape(rows, _HOST_BINS)[todo], binned.counts[todo])
+    subset_target = host_view(target).reshape(rows)[todo].astype(np.float64)
+    counted = _count_to_target(
+        histogram, binned.offsets[todo], subset_target, lambda i: (ids, flat_weights), 1
+    )
+    result = np.zeros(rows, dtype=np.float32)
+    result[todo] = counted
+    return torch.from_numpy(result).reshape(solved.shape)
 
 
 def _span(keys: int, goal: float) -> float:
