@@ -20,8 +20,7 @@ Cost and memory (K visible keys, n rows, h query heads, C = `chunk_keys`):
   heads: no extra work). Otherwise `collector.topk.keys_for_target` counts it from a histogram
   of the mass and a sort of the crossing bin's keys. The chunk of pass 1 that is still in memory
   is reused; chunks are laid out remainder first so that it is a full one, and only the other
-  chunks recompute q.k (keys only). On the CPU, rows held in one chunk are binned once and both
-  the top-k and `keys_for_90pct` read the bins (`collector.topk.bin_shifted`);
+  chunks recompute q.k (keys only);
 - `finish` does everything that needs no key for all layers of the pass at once (one set of small
   ops per pass instead of per layer);
 - optionally (`StatsSpec.middle_keys`), the indices of the largest middle keys: one more top-k
@@ -181,12 +180,8 @@ def layer_pass(
     query = rows.query if rows.query.dtype == torch.float32 else rows.query.float()
     logits_of = _Logits(query * scaling, rows, bias, softcap)
     bounds = chunk_bounds(total_keys, spec.chunk_keys)
-    # On the CPU, rows held in one chunk are binned once (`topk.bin_shifted`): the top-k and
-    # keys_for_90pct read the bins, and the raw logits are kept for the top-k.
-    binned_top = len(bounds) == 1 and kmax < total_keys and topk.on_host(rows.query)
     high = total = entropy_sum = out = top = shifted = weights = rows.query  # set by chunk 0
     keep_raw = None
-    binned: topk.HostBins | None = None
     middle: tuple[torch.Tensor, torch.Tensor] | None = None
     for i, (start, stop) in enumerate(bounds):
         logits = logits_of(start, stop)
@@ -195,16 +190,11 @@ def layer_pass(
         if len(bounds) == 1:  # the keep-set's logits, read before they are shifted in place
             index = rows.keep_index.reshape(n, 1, 1, -1).expand(n, kv_heads, group, -1)
             keep_raw = logits.gather(-1, index)
+        chunk_top = top_values(logits, min(kmax, stop - start))
         chunk_max = logits.amax(-1, keepdim=True)
         new_high = chunk_max if i == 0 else torch.maximum(high, chunk_max)
-        if binned_top:  # the only chunk: its bins give the top-k (and keys_for_90pct below)
-            shifted = logits.sub(new_high).clamp_(min=_FLOOR)
-            binned = topk.bin_shifted(shifted, _FLOOR)
-            chunk_top = topk.top_from_bins(binned, logits, kmax)
-        else:
-            chunk_top = top_values(logits, min(kmax, stop - start))
-            # In place: the raw logits are not needed again.
-            shifted = logits.sub_(new_high).clamp_(min=_FLOOR)
+        # In place: the raw logits are not needed again.
+        shifted = logits.sub_(new_high).clamp_(min=_FLOOR)
         weights = torch.exp(shifted)
         chunk_sum = weights.sum(-1, keepdim=True)
         chunk_entropy = torch.linalg.vecdot(weights, shifted)[..., None]
@@ -239,9 +229,7 @@ def layer_pass(
     # Rows with NaN weights are not solved and get a meaningless count: they come out as NaN.
     solved = held >= target
     keys_needed = None
-    if binned is not None and not bool(solved.all()):
-        keys_needed = topk.keys_from_bins(binned, weights, target, solved)
-    elif not bool(solved.all()):
+    if not bool(solved.all()):
         # Recomputed chunks are shifted and clamped exactly as above.
         keys_needed = keys_for_target(
             lambda start, stop: logits_of(start, stop).sub_(high).clamp_(min=_FLOOR),

@@ -3,12 +3,8 @@
 Usage:
     top = top_values(logits, 256)  # (..., 256) the largest logits of each row, unsorted
     needed = keys_for_target(shifted_of, bounds, target, last, solved, 0.9 * (1 - 1e-6))
-    # CPU, every key in one chunk: bin once, then read both from the bins
-    binned = bin_shifted(shifted, -87.0)
-    top = top_from_bins(binned, logits, 256)
-    needed = keys_from_bins(binned, weights, target, solved)
 
-No I/O; `collector.stats` calls these from its pass over the keys. On a GPU everything stays in
+No I/O; `collector.stats` calls both from its pass over the keys. On a GPU everything stays in
 torch on the device. On the CPU the selections and sorts go through numpy, whose introselect,
 vectorised sort and bincount cost a fraction of torch's CPU kernels (and per-operation overhead)
 at a few thousand keys per row.
@@ -18,17 +14,12 @@ heads: no extra work, done in `collector.stats`). Otherwise `keys_for_target` bu
 histogram of the mass over the band of logits that must hold the crossing, finds the bin where the
 cumulative mass crosses the target, and sorts only that bin's keys. Near-ties (more than
 `_MAX_SORTED` keys in the crossing bin) are counted as equal keys.
-
-On the CPU, rows whose keys are all in one chunk (up to `StatsSpec.chunk_keys`, 64K by default)
-are binned once over the whole clamped range (`bin_shifted`): the top-k gathers the keys of the
-bins that reach k, and `keys_from_bins` adds the mass per bin and sorts the crossing bin only.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,8 +33,6 @@ _BLOCK = 32
 # serving process (cold caches between layers) its extra numpy calls cost more than they save
 # below it.
 _FOLD_FROM = 32
-# Bins of `bin_shifted` (rows held in one chunk, on the CPU): 0.085 nats each over 87.
-_HOST_BINS = 1024
 
 
 def on_host(t: torch.Tensor) -> bool:
@@ -219,7 +208,11 @@ def _select_host(
     keys: int,
     goal: float,
 ) -> np.ndarray:
-    """`_select` in numpy: (rows,) float64 target in, (rows,) key counts out."""
+    """`_select` in numpy: (rows,) float64 target in, (rows,) key counts out.
+
+    Pass 1 also counts the keys of each bin, so the keys above the crossing bin and those in it
+    are read from the histogram; pass 2 only gathers the crossing bin's keys.
+    """
     rows = target.shape[0]
     span = _span(keys, goal)
     has_nan = bool(np.isnan(target).any())
@@ -240,35 +233,9 @@ def _select_host(
         last_bins = bins_of(shifted)
         mass += np.bincount(last_bins.ravel(), weights=weights.ravel(), minlength=rows * _BINS)
         count += np.bincount(last_bins.ravel(), minlength=rows * _BINS)
-
-    def chunk(i: int) -> tuple[np.ndarray, np.ndarray]:
-        if i == chunk_count - 1:
-            return last_bins, shifted_weights(i)[1]
-        shifted, weights = shifted_weights(i)
-        return bins_of(shifted), weights
-
-    histogram = (mass.reshape(rows, _BINS), count.reshape(rows, _BINS))
-    return _count_to_target(histogram, offsets, target, chunk, chunk_count)
-
-
-def _count_to_target(
-    histogram: tuple[np.ndarray, np.ndarray],
-    offsets: np.ndarray,
-    target: np.ndarray,
-    chunk: Callable[[int], tuple[np.ndarray, np.ndarray]],
-    chunk_count: int,
-) -> np.ndarray:
-    """Return (rows,) the fewest keys, largest first, whose weight reaches each row's `target`.
-
-    histogram: (rows, bins) weight and key count per bin, bin 0 the largest keys. offsets:
-    (rows,) each row's first bin id in the ids that `chunk(i)` returns with that chunk's weights,
-    both (rows, width). The keys above the crossing bin are counted from the histogram; only
-    the crossing bin's keys are gathered and sorted.
-    """
-    mass, count = histogram
-    rows, bins = mass.shape
+    mass, count = mass.reshape(rows, _BINS), count.reshape(rows, _BINS)
     cum_mass = mass.cumsum(1)
-    crossing = np.minimum((cum_mass < target[:, None]).sum(1), bins - 1)
+    crossing = np.minimum((cum_mass < target[:, None]).sum(1), _BINS - 1)
     everyone = np.arange(rows)
     before = np.maximum(crossing - 1, 0)
     mass_above = np.where(crossing > 0, cum_mass[everyone, before], 0.0)
@@ -280,10 +247,11 @@ def _count_to_target(
     picked_rows: list[np.ndarray] = []
     picked_weights: list[np.ndarray] = []
     for i in range(chunk_count):
-        ids, weights = chunk(i)
+        weights = shifted_weights(i)[1]
+        bins = last_bins if i == chunk_count - 1 else bins_of(shifted_weights(i)[0])
         # flatnonzero: several times faster than a 2-D nonzero on a sparse mask
-        flat = np.flatnonzero(ids == wanted)
-        picked_rows.append(flat // ids.shape[1])
+        flat = np.flatnonzero(bins == wanted)
+        picked_rows.append(flat // bins.shape[1])
         picked_weights.append(weights.reshape(-1)[flat])
     row = np.concatenate(picked_rows)
     exact = count_above + 1
@@ -307,83 +275,6 @@ def _count_to_target(
         approximate = count_above + np.minimum(np.maximum(needed, 1), bin_count)
         exact = np.where(wide, approximate, exact)
     return exact.astype(np.float64)
-
-
-@dataclass(frozen=True)
-class HostBins:
-    """Rows held in one chunk, on the CPU, binned once for the top-k and `keys_for_90pct`.
-
-    ids: (rows, keys) bin of each key, row r's bins numbered from r * _HOST_BINS; bin 0 holds
-    the largest keys. counts: (rows, _HOST_BINS) keys per bin.
-    """
-
-    ids: np.ndarray
-    counts: np.ndarray
-
-    @property
-    def offsets(self) -> np.ndarray:
-        """Return (rows,) the first bin id of each row."""
-        return np.arange(self.counts.shape[0]) * _HOST_BINS
-
-
-def bin_shifted(shifted: torch.Tensor, floor: float) -> HostBins:
-    """Bin (..., keys) shifted logits in [floor, 0] (CPU) into _HOST_BINS equal bins.
-
-    The bins (0.085 nats wide at the 87-nat floor) span the whole clamped range, so that the k-th
-    largest key and the mass crossing of any row, peaked or spread, fall in a bin of few keys.
-    """
-    keys = shifted.shape[-1]
-    values = host_view(shifted).reshape(-1, keys)
-    # Just under _HOST_BINS at the floor: truncation (floor, the values are >= 0) stays in range.
-    raw = values * np.float32((_HOST_BINS - 0.5) / floor)
-    if np.isnan(raw).any():  # a NaN row (flagged upstream): its keys only need a valid bin
-        np.nan_to_num(raw, copy=False, nan=0.0)
-    ids = raw.astype(np.intp)
-    ids += (np.arange(values.shape[0]) * _HOST_BINS)[:, None]
-    counts = np.bincount(ids.ravel(), minlength=values.shape[0] * _HOST_BINS)
-    return HostBins(ids, counts.reshape(values.shape[0], _HOST_BINS))
-
-
-def top_from_bins(binned: HostBins, logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Return (..., k) the k largest of `logits` (the keys `binned` holds, k < keys), unsorted.
-
-    The bins order the keys: the k largest lie in the bins up to the one where the count
-    reaches k. Only those keys are gathered and partitioned: about 1.2k of them on near-uniform
-    rows, fewer on peaked ones.
-    """
-    keys = logits.shape[-1]
-    values = host_view(logits).reshape(-1, keys)
-    reach = (binned.counts.cumsum(1) < k).sum(1)
-    flat = np.flatnonzero(binned.ids <= (reach + binned.offsets)[:, None])  # grouped by row
-    counts = np.bincount(flat // keys, minlength=values.shape[0])
-    widest = int(counts.max())
-    table = np.full((values.shape[0], widest), -np.inf, dtype=values.dtype)
-    # Boolean assignment fills in row-major order, the order of `flat`.
-    table[np.arange(widest) < counts[:, None]] = values.reshape(-1)[flat]
-    return _partition_top(table, k).reshape(*logits.shape[:-1], k)
-
-
-def keys_from_bins(
-    binned: HostBins, weights: torch.Tensor, target: torch.Tensor, solved: torch.Tensor
-) -> torch.Tensor:
-    """`keys_for_target` of rows held in one chunk on the CPU, from their bins: (..., 1).
-
-    Rows `solved` by the top-k come out as 0. The weights are the ones pass 1 computed.
-    """
-    rows, keys = binned.ids.shape
-    todo = np.flatnonzero(~host_view(solved).reshape(rows))
-    ids, flat_weights = binned.ids, host_view(weights).reshape(rows, keys)
-    if todo.size < rows:  # only the rows still to count are read again
-        ids, flat_weights = ids[todo], flat_weights[todo]
-    mass = np.bincount(ids.ravel(), weights=flat_weights.ravel(), minlength=rows * _HOST_BINS)
-    histogram = (mass.reshape(rows, _HOST_BINS)[todo], binned.counts[todo])
-    subset_target = host_view(target).reshape(rows)[todo].astype(np.float64)
-    counted = _count_to_target(
-        histogram, binned.offsets[todo], subset_target, lambda i: (ids, flat_weights), 1
-    )
-    result = np.zeros(rows, dtype=np.float32)
-    result[todo] = counted
-    return torch.from_numpy(result).reshape(solved.shape)
 
 
 def _span(keys: int, goal: float) -> float:

@@ -75,32 +75,6 @@ def test_the_folded_top_k_equals_a_full_partition(kind: str, keys: int, k: int) 
     torch.testing.assert_close(got, want.sort(-1).values, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("keys", [300, 4097, 20_001])
-def test_the_top_k_and_key_counts_from_bins_equal_the_general_paths(kind: str, keys: int) -> None:
-    """Rows held in one chunk on the CPU are binned once; a partition and `_select` agree with it."""
-    logits = _rows_of(kind, keys, seed=keys)
-    high = logits.amax(-1, keepdim=True)
-    shifted = (logits - high).clamp(min=-87.0)
-    weights = torch.exp(shifted)
-    binned = topk.bin_shifted(shifted, -87.0)
-    got_top = topk.top_from_bins(binned, logits, 256).sort(-1).values
-    want_top = np.partition(logits.numpy(), keys - 256, axis=-1)[..., keys - 256 :]
-    want_sorted = torch.from_numpy(want_top).sort(-1).values
-    torch.testing.assert_close(got_top, want_sorted, rtol=0, atol=0, equal_nan=True)
-    target = weights.sum(-1, keepdim=True) * 0.9
-    solved = torch.zeros_like(target, dtype=torch.bool)
-    solved[0, 1, 2] = True  # a row the top-k answered: left at 0
-    got = topk.keys_from_bins(binned, weights, target, solved)
-    want = topk._select(
-        lambda i: (shifted.reshape(6, -1), weights.reshape(6, -1)), 1,
-        target.reshape(6, 1), keys, 0.9,
-    ).reshape(target.shape)  # fmt: skip
-    assert got[0, 1, 2] == 0
-    rows = ~solved & ~torch.isnan(high)  # NaN rows: any count, they come out as NaN
-    assert torch.equal(got[rows], want[rows])
-
-
 @pytest.mark.usefixtures("stats_path")
 def test_rows_in_chunks_of_at_least_8192_keys_take_the_folded_top_k() -> None:
     rows = make_rows(20_000, MIXED)
