@@ -9,7 +9,7 @@ only. On the CPU the selections, sorts and `finish` run in numpy (`collector.top
 arrays of a few thousand values its per-operation cost is a fraction of torch's. Both paths are
 tested against the same float64 reference.
 
-Cost and memory (K visible keys, n rows, h query heads, C = `chunk_keys`):
+Cost and memory (K visible keys, n rows, h query heads, C = `chunk_keys`, up to 1.125 C per chunk):
 - pass 1 reads every key once: one q.k matmul per KV group (no `repeat_kv` copies), one exp
   reused for the log-sum-exp, the entropy and p.V, one unsorted top-k of the largest k (the
   smaller k are prefix sums of it); extra memory O(n x h x C). The values are read for p.V
@@ -122,8 +122,15 @@ def _gather(t: torch.Tensor, batch_index: torch.Tensor, start: int, stop: int) -
 
 
 def chunk_bounds(keys: int, chunk_keys: int) -> list[tuple[int, int]]:
-    """Return [start, stop) ranges of at most `chunk_keys` keys, the short remainder first."""
+    """Return [start, stop) ranges of `chunk_keys` keys, the remainder first.
+
+    A remainder of less than an eighth of a chunk joins the first chunk instead (which then holds
+    up to 1.125 x `chunk_keys` keys): a chunk costs the same fixed number of operations whatever
+    its length, so a 64K context plus the decoded token is one chunk, not two.
+    """
     count = max(1, -(-keys // chunk_keys))
+    if count > 1 and keys - (count - 1) * chunk_keys < chunk_keys // 8:
+        count -= 1
     first = keys - (count - 1) * chunk_keys
     return [(0, first)] + [
         (first + i * chunk_keys, first + (i + 1) * chunk_keys) for i in range(count - 1)

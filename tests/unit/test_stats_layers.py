@@ -96,12 +96,17 @@ def test_logits_far_below_the_maximum_count_as_zero_mass() -> None:
     assert_matches(row_statistics(rows, 0.25, StatsSpec()), direct(rows, 0.25))
 
 
-@pytest.mark.parametrize(("keys", "chunk"), [(65537, 65536), (10, 3), (9, 3), (5, 8)])
-def test_chunks_cover_the_keys_with_the_remainder_first(keys: int, chunk: int) -> None:
+@pytest.mark.parametrize(
+    ("keys", "chunk", "count"),
+    [(65537, 65536, 1), (73727, 65536, 1), (73728, 65536, 2), (10, 3, 4), (9, 3, 3), (5, 8, 1)],
+)
+def test_chunks_cover_the_keys_with_the_remainder_first(keys: int, chunk: int, count: int) -> None:
+    """A remainder under an eighth of a chunk joins the first chunk (65,536 + 1 keys: one chunk)."""
     bounds = chunk_bounds(keys, chunk)
+    assert len(bounds) == count
     assert bounds[0][0] == 0 and bounds[-1][1] == keys
     assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
-    assert all(0 < stop - start <= chunk for start, stop in bounds)
+    assert all(0 < stop - start <= chunk + chunk // 8 for start, stop in bounds)
     assert all(stop - start == chunk for start, stop in bounds[1:])
 
 
