@@ -141,7 +141,7 @@ def keys_for_target(
 ) -> torch.Tensor:
     """Return (n, kv_heads, group, 1): the fewest keys (largest first) whose weight reaches `target`.
 
-    Only the rows not `solved` by the top-k are counted (the others come out as 0).
+    Rows `solved` by the top-k come out as 0 (on the CPU only the others are counted).
     `shifted_of(start, stop)` returns (n, kv_heads, group, stop - start) logits of a key range
     minus the row maximum, clamped as in pass 1; `last` holds the shifted logits and weights of
     pass 1's last chunk, which need no recompute.
@@ -149,19 +149,17 @@ def keys_for_target(
     if on_host(solved):
         return _keys_for_target_host(shifted_of, bounds, target, last, solved, goal)
     rows = solved.numel()
-    todo = (~solved).reshape(rows).nonzero().squeeze(1)  # a host sync, on measured rows only
-    # Only the rows still to count go through the histogram passes.
-    last_subset = (last[0].reshape(rows, -1)[todo], last[1].reshape(rows, -1)[todo])
+    # Every row goes through the histogram passes: selecting the unsolved ones would cost a host
+    # sync and four gathers, more than counting the solved ones on the device and dropping them.
 
     def shifted_weights(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if i == len(bounds) - 1:
-            return last_subset
-        shifted = shifted_of(*bounds[i]).reshape(rows, -1)[todo]
+            return last[0].reshape(rows, -1), last[1].reshape(rows, -1)
+        shifted = shifted_of(*bounds[i]).reshape(rows, -1)
         return shifted, torch.exp(shifted)
 
-    subset_target = target.reshape(rows, 1)[todo]
-    counted = _select(shifted_weights, len(bounds), subset_target, bounds[-1][1], goal)
-    return target.new_zeros((rows, 1)).index_copy_(0, todo, counted).reshape(solved.shape)
+    counted = _select(shifted_weights, len(bounds), target.reshape(rows, 1), bounds[-1][1], goal)
+    return counted.masked_fill_(solved.reshape(rows, 1), 0.0).reshape(solved.shape)
 
 
 def _keys_for_target_host(
@@ -287,11 +285,10 @@ def _span(keys: int, goal: float) -> float:
     return math.log(max(keys, 1) / (1 - goal)) + 1.0
 
 
-def _bins(shifted: torch.Tensor, span: float, has_nan: bool) -> torch.Tensor:
+def _bins(shifted: torch.Tensor, span: float) -> torch.Tensor:
     """Return the bin of each shifted logit (<= 0): 0 for the largest, the last for all below the band."""
-    raw = shifted.mul(-_BINS / span).clamp_(max=_BINS - 1)
-    if has_nan:  # NaN rows come out as NaN anyway; their keys only need a valid bin
-        raw.nan_to_num_(nan=_BINS - 1)
+    # NaN rows come out as NaN anyway; their keys only need a valid bin (no host sync to check).
+    raw = shifted.mul(-_BINS / span).clamp_(max=_BINS - 1).nan_to_num_(nan=_BINS - 1)
     return raw.long()  # non-negative: truncation is floor
 
 
@@ -311,13 +308,12 @@ def _select(
     are counted as equal: their logits differ by less than the bin width (span / 512 nats).
     """
     span = _span(keys, goal)
-    has_nan = bool(target.isnan().any())
     target = target.double()
     mass = target.new_zeros((*target.shape[:-1], _BINS))
     last_bins = torch.empty(0)
     for i in range(chunk_count):
         shifted, weights = shifted_weights(i)
-        last_bins = _bins(shifted, span, has_nan)
+        last_bins = _bins(shifted, span)
         mass.scatter_add_(-1, last_bins, weights.double())
     cum_mass = mass.cumsum(-1)
     crossing = (cum_mass < target).sum(-1, keepdim=True).clamp_(max=_BINS - 1)
@@ -331,7 +327,7 @@ def _select(
             weights, bins = shifted_weights(i)[1], last_bins
         else:
             shifted, weights = shifted_weights(i)
-            bins = _bins(shifted, span, has_nan)
+            bins = _bins(shifted, span)
         # int32 sums: a bool sum to int64 would first copy the mask to int64.
         count_above += (bins < crossing).sum(-1, keepdim=True, dtype=torch.int32)
         inside = bins == crossing
