@@ -58,10 +58,12 @@ def _rows_of(kind: str, keys: int, seed: int) -> torch.Tensor:
         rows[..., : keys * 3 // 4] = -1e30
     elif kind == "nan":
         rows[0, 0, 1, 7] = math.nan
+    elif kind == "nan-last":
+        rows[0, 1, 0, -1] = math.nan  # the odd one out when a fold halves an odd width
     return rows
 
 
-KINDS = ["uniform", "peaked", "ties", "masked", "nan"]
+KINDS = ["uniform", "peaked", "ties", "masked", "nan", "nan-last"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
