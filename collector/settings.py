@@ -61,6 +61,8 @@ class CollectorSettings(BaseSettings):
     max_decode_samples: Annotated[int, Field(ge=0)] = 8
     layers: tuple[Annotated[int, Field(ge=0)], ...] | None = None
     max_sampled_passes_per_second: Annotated[float, Field(gt=0)] = 2.0
+    # Keys per chunk of the statistics: their extra memory is O(rows x heads x chunk). A remainder
+    # under an eighth of a chunk joins the first one, which then holds up to 1.125 x chunk_keys.
     chunk_keys: Annotated[int, Field(ge=256)] = 65536
     max_consecutive_errors: Annotated[int, Field(ge=1)] = 10
     error_log_interval_seconds: Annotated[float, Field(ge=0)] = 60.0
