@@ -57,11 +57,8 @@ def top_values(logits: torch.Tensor, k: int) -> torch.Tensor:
     """
     keys = logits.shape[-1]
     if on_host(logits) and keys > k:
-        if keys < _FOLD_FROM * k:
-            return _partition_top(host_view(logits).reshape(-1, keys), k).reshape(
-                *logits.shape[:-1], k
-            )
-        return _top_values_host(logits, k)
+        top = _top_values_host(host_view(logits).reshape(-1, keys), k)
+        return torch.from_numpy(np.ascontiguousarray(top)).reshape(*logits.shape[:-1], k)
     if keys < 64 * k:
         return logits.topk(k, dim=-1, sorted=False).values
     whole = keys // _BLOCK * _BLOCK
@@ -75,8 +72,9 @@ def top_values(logits: torch.Tensor, k: int) -> torch.Tensor:
     return table.topk(k, dim=-1, sorted=False).values.reshape(*logits.shape[:-1], k)
 
 
-def _top_values_host(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """`top_values` in numpy: a lower bound of the k-th largest by folding, then a small partition.
+def _top_values_host(rows: np.ndarray, k: int) -> np.ndarray:
+    """`top_values` of (rows, keys) in numpy: a lower bound of the k-th largest by folding, then a
+    small partition.
 
     Folding a row in halves (the elementwise maximum of its two halves, repeated) leaves the
     maxima of disjoint groups that cover every key; the k-th largest of at least 2k such maxima
@@ -87,8 +85,9 @@ def _top_values_host(logits: torch.Tensor, k: int) -> torch.Tensor:
     Rows where the bound lets too many keys through (ties, masked keys) or holding NaN (it
     reaches the folded maxima) take the plain partition.
     """
-    keys = logits.shape[-1]
-    rows = host_view(logits).reshape(-1, keys)
+    keys = rows.shape[1]
+    if keys < _FOLD_FROM * k:
+        return _partition_top(rows, k)
     folded = rows
     while folded.shape[1] >= 4 * k:
         half = folded.shape[1] // 2
@@ -96,32 +95,29 @@ def _top_values_host(logits: torch.Tensor, k: int) -> torch.Tensor:
         if folded.shape[1] % 2:  # the odd last key joins the first group
             np.maximum(halves[:, 0], folded[:, -1], out=halves[:, 0])
         folded = halves
-    # Too few keys to fold (nothing to gain), or NaN: the bound would drop it from its row.
-    if folded is rows or np.isnan(folded).any():
-        return _partition_top(rows, k).reshape(*logits.shape[:-1], k)
+    if np.isnan(folded).any():  # the bound would drop the NaN from its row
+        return _partition_top(rows, k)
     width = folded.shape[1]
     bound = np.partition(folded, width - k, axis=1)[:, width - k, None]
     flat = np.flatnonzero(rows >= bound)  # row-major: grouped by row
     counts = np.diff(np.searchsorted(flat, np.arange(1, rows.shape[0] + 1) * keys), prepend=0)
     widest = int(counts.max())
     if widest > keys // 2:  # ties or masked keys at the bound: no gain
-        return _partition_top(rows, k).reshape(*logits.shape[:-1], k)
+        return _partition_top(rows, k)
     table = np.full((rows.shape[0], widest), -np.inf, dtype=rows.dtype)
     # Boolean assignment fills in row-major order, the order of `flat`.
     table[np.arange(widest) < counts[:, None]] = rows.reshape(-1)[flat]
     # A vectorised sort of a few hundred values is faster than introselect on them.
-    top = np.sort(table, axis=1)[:, widest - k :]
-    return torch.from_numpy(np.ascontiguousarray(top)).reshape(*logits.shape[:-1], k)
+    return np.sort(table, axis=1)[:, widest - k :]
 
 
-def _partition_top(rows: np.ndarray, k: int) -> torch.Tensor:
+def _partition_top(rows: np.ndarray, k: int) -> np.ndarray:
     """Return (rows, k) the k largest of each row, unsorted (numpy's introselect on a copy).
 
     NaN sorts last in numpy, largest in torch: both leave the row NaN.
     """
     width = rows.shape[1]
-    part = np.partition(rows, width - k, axis=1)[:, width - k :]
-    return torch.from_numpy(np.ascontiguousarray(part))
+    return np.partition(rows, width - k, axis=1)[:, width - k :]
 
 
 def sorted_descending(values: torch.Tensor) -> torch.Tensor:
