@@ -53,9 +53,9 @@ class PassPlan:
     layout: dict[str, int] = field(default_factory=dict)
     key_counts: dict[int, int] = field(default_factory=dict)  # layer -> keys its kernel read
     stats_seconds: float = 0.0
-    _keep_cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, ...]] = field(
-        default_factory=dict
-    )
+    _keep_cache: dict[
+        tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]
+    ] = field(default_factory=dict)
     # Layers that share key count, window and mask share their bias rows: built once per pass.
     _bias_cache: dict[tuple[object, ...], tuple[object, torch.Tensor, torch.Tensor, bool]] = field(
         default_factory=dict
@@ -159,12 +159,11 @@ def _sees_every_key(plan: PassPlan, keys: int, sliding_window: int | None) -> bo
 
 def _keep_rows(
     plan: PassPlan, keys: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return keep_index, keep_is_sink, keep_valid (n, J) for this layer's key count."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Return keep_index, keep_is_sink, keep_valid (n, J) for this layer's key count, and whether all are valid."""
     cached = plan._keep_cache.get((keys, 0, device))
     if cached is not None:
-        index, is_sink, valid = cached
-        return index, is_sink, valid
+        return cached
     offset = key_offset(plan.total_slots, keys)
     per_row = []
     for row in plan.rows:
@@ -185,6 +184,7 @@ def _keep_rows(
         torch.from_numpy(index_np).to(device),
         torch.from_numpy(is_sink_np).to(device),
         torch.from_numpy(valid_np).to(device),
+        bool(valid_np.all()),
     )
     plan._keep_cache[(keys, 0, device)] = result
     return result
@@ -238,7 +238,7 @@ def layer_inputs(
             row_output = output[batch, rows]
         row_output = row_output.reshape(picked.shape)
     keys = key.shape[2]
-    keep_index, keep_is_sink, keep_valid = _keep_rows(plan, keys, device)
+    keep_index, keep_is_sink, keep_valid, keep_all_valid = _keep_rows(plan, keys, device)
     cache_key = (keys, sliding_window, is_causal, None if mask is None else id(mask), device)
     cached = plan._bias_cache.get(cache_key)
     if cached is None and mask is None and _sees_every_key(plan, keys, sliding_window):
@@ -265,4 +265,5 @@ def layer_inputs(
         visible=cached[2],
         bias_is_zero=cached[3],
         output=row_output,
+        keep_all_valid=keep_all_valid,
     )

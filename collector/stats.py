@@ -76,6 +76,7 @@ class RowInputs:
     sinks: (kv_heads * group,) learned sink logits (gpt-oss `s_aux`) or None.
     visible: (n,) number of visible keys (the finite entries of bias), or None to count them here.
     bias_is_zero: True when bias is 0 everywhere (nothing masked, no additive term): skipped.
+    keep_all_valid: True when every keep_valid entry is True (no padding in the keep-set).
     output: (n, kv_heads, group, d) float32 attention output of the rows as the kernel computed
         it, or None to compute p.V here.
     """
@@ -92,6 +93,7 @@ class RowInputs:
     visible: torch.Tensor | None = None
     bias_is_zero: bool = False
     output: torch.Tensor | None = None
+    keep_all_valid: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ class LayerPartial:
 
     Shapes: (n, kv_heads, group, 1) for high, total, entropy_sum, atom, keys_needed, solved;
     out (n, kv_heads, group, d); top (n, kv_heads, group, k) logits, unsorted; keep_logits
-    (n, kv_heads, group, J) keep-set logits minus `high` (-inf where masked); keep_values (n, kv_heads, J, d);
+    (n, kv_heads, group, J) keep-set logits (-inf where masked); keep_values (n, kv_heads, J, d);
     keep_is_sink (n, J); visible (n,).
     """
 
@@ -157,7 +159,7 @@ class LayerPartial:
     keep_values: torch.Tensor
     keep_is_sink: torch.Tensor
     visible: torch.Tensor
-    solved: torch.Tensor
+    solved: torch.Tensor | None  # rows whose count the top-k gives; None: keys_needed has all
     keys_needed: torch.Tensor | None  # rows not `solved` by the top-k; None when all are
     out_is_output: bool = False  # `out` is the attention output itself, not the unnormalised sum
     # (n, kv_heads, group, spec.middle_keys) key indices of the largest middle keys, largest
@@ -187,7 +189,9 @@ def layer_pass(
     query = rows.query if rows.query.dtype == torch.float32 else rows.query.float()
     logits_of = _Logits(query * scaling, rows, bias, softcap)
     bounds = chunk_bounds(total_keys, spec.chunk_keys)
+    sort_whole = len(bounds) == 1 and not topk.on_host(rows.query)
     high = total = entropy_sum = out = top = shifted = weights = rows.query  # set by chunk 0
+    values = rows.value
     keep_raw = None
     middle: tuple[torch.Tensor, torch.Tensor] | None = None
     for i, (start, stop) in enumerate(bounds):
@@ -197,19 +201,21 @@ def layer_pass(
         if len(bounds) == 1:  # the keep-set's logits, read before they are shifted in place
             index = rows.keep_index.reshape(n, 1, 1, -1).expand(n, kv_heads, group, -1)
             keep_raw = logits.gather(-1, index)
-        chunk_top = top_values(logits, min(kmax, stop - start))
+        # One chunk on a device: a sort after the loop gives the top-k and keys_for_90pct.
+        chunk_top = rows.query if sort_whole else top_values(logits, min(kmax, stop - start))
         chunk_max = logits.amax(-1, keepdim=True)
         new_high = chunk_max if i == 0 else torch.maximum(high, chunk_max)
         # In place: the raw logits are not needed again.
-        shifted = logits.sub_(new_high).clamp_(min=_FLOOR)
+        shifted = logits.sub_(new_high)
+        if not sort_whole:  # a device's exp has no slow path, and no chunk is recomputed
+            shifted.clamp_(min=_FLOOR)
         weights = torch.exp(shifted)
         chunk_sum = weights.sum(-1, keepdim=True)
         chunk_entropy = torch.linalg.vecdot(weights, shifted)[..., None]
         chunk_out = out  # the kernel's output, when given, stands in for p.V (set after the loop)
         if rows.output is None:
-            chunk_out = torch.matmul(
-                weights, _gather(rows.value, rows.batch_index, start, stop).float()
-            )
+            values = _gather(rows.value, rows.batch_index, start, stop).float()
+            chunk_out = _weighted_values(weights, values)
         if i == 0:
             total, entropy_sum, out, top = chunk_sum, chunk_entropy, chunk_out, chunk_top
         else:
@@ -229,32 +235,39 @@ def layer_pass(
         total = total + atom
         entropy_sum = entropy_sum + torch.special.xlogy(atom, atom)
     visible = (rows.bias > -math.inf).sum(-1) if rows.visible is None else rows.visible
-    # Does the top-k hold the mass target? (a host sync, on measured rows only)
     goal = spec.mass_target * (1 - _MASS_SLACK)
-    target = total * goal if atom is None else (total - atom).mul_(goal)
-    held = torch.exp(top - high).sum(-1, keepdim=True)
-    # Rows with NaN weights are not solved and get a meaningless count: they come out as NaN.
-    solved = held >= target
-    keys_needed = None
-    if not bool(solved.all()):
-        # Recomputed chunks are shifted and clamped exactly as above.
-        keys_needed = keys_for_target(
-            lambda start, stop: logits_of(start, stop).sub_(high).clamp_(min=_FLOOR),
-            bounds, target, (shifted, weights), solved, goal,
-        )  # fmt: skip
+    keys_needed = solved = None
+    if sort_whole:
+        top, keys_needed = _sorted_counts(weights, high, kmax, goal)
+    else:
+        # Does the top-k hold the mass target? (a host sync, on measured rows only)
+        target = total * goal if atom is None else (total - atom).mul_(goal)
+        held = torch.exp(top - high).sum(-1, keepdim=True)
+        # Rows with NaN weights are not solved and get a meaningless count: they come out as NaN.
+        solved = held >= target
+        if not bool(solved.all()):
+            # Recomputed chunks are shifted and clamped exactly as above.
+            keys_needed = keys_for_target(
+                lambda start, stop: logits_of(start, stop).sub_(high).clamp_(min=_FLOOR),
+                bounds, target, (shifted, weights), solved, goal,
+            )  # fmt: skip
     if keep_raw is None:
-        keep_logits = _keep_logits(rows, logits_of, high)
+        keep_logits = _keep_logits(rows, logits_of)
+    elif rows.bias_is_zero and rows.keep_all_valid:
+        keep_logits = keep_raw  # nothing masked, no padding
     else:
         # Masked keys carry the finite _MASKED logit here: set them (and padding) to -inf.
         hidden = ~rows.keep_valid.reshape(n, 1, 1, -1)
         if not rows.bias_is_zero:
             hidden = hidden | (keep_raw <= _MASKED / 2)
-        keep_logits = keep_raw.sub_(high).masked_fill_(hidden, -math.inf)
-    if n == 1 and rows.value.shape[0] == 1:  # one index op
-        keep_values = rows.value[:, :, rows.keep_index[0]]
+        keep_logits = keep_raw.masked_fill_(hidden, -math.inf)
+    if len(bounds) > 1 or rows.output is not None or rows.value.shape[0] > 1:
+        values = rows.value  # else: the one chunk's float32 values, all batch entries
+    if n == 1 and values.shape[0] == 1:  # one index op
+        keep_values = values[:, :, rows.keep_index[0]]
     else:
         batch = rows.batch_index[:, None].expand_as(rows.keep_index)
-        keep_values = rows.value[batch, :, rows.keep_index].transpose(1, 2)
+        keep_values = values[batch, :, rows.keep_index].transpose(1, 2)
     if keep_values.dtype != torch.float32:
         keep_values = keep_values.float()
     if rows.output is not None:  # the kernel's output: already divided by the total
@@ -266,6 +279,52 @@ def layer_pass(
         high, total, entropy_sum, atom, out, top, keep_logits, keep_values,
         rows.keep_is_sink, visible, solved, keys_needed, rows.output is not None, middle_index,
     )  # fmt: skip
+
+
+def _sorted_counts(
+    weights: torch.Tensor, high: torch.Tensor, k: int, goal: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the k largest logits and the fewest keys reaching `goal` of the keys' mass, from one sort.
+
+    weights: (n, kv_heads, group, keys) exp(logit - row maximum), one chunk, on a device. A
+    device sorts a few rows of 64K keys in a fraction of a millisecond with no host sync, where
+    the histogram passes of `keys_for_target` take tens of small operations and several syncs.
+    The running sum is float64 and the target is taken from its own last entry (< 1 of it), so
+    exact ties (e.g. 900 of 1000 equal keys) count exactly and the count never passes the last
+    key. NaN sorts first: such rows come out as NaN.
+    """
+    ordered = weights.sort(dim=-1, descending=True).values
+    cumulative = ordered.cumsum(-1, dtype=torch.float64)
+    # keys before the first running sum reaching the target, plus that key
+    needed = torch.searchsorted(cumulative, cumulative[..., -1:] * goal).add_(1)
+    return torch.log(ordered[..., :k]).add_(high), needed
+
+
+# Keys per block of the split p.V product on a device (see `_weighted_values`).
+_SPLIT_KEYS = 1024
+
+
+def _weighted_values(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Return (n, kv_heads, group, d) = weights @ values, for (.., group, keys) and (.., keys, d).
+
+    On a device the product has a few rows and tens of thousands of keys to sum over: cuBLAS
+    runs it on a handful of thread blocks (0.5 ms per layer at 16K keys on an H100, more than
+    the rest of the layer). Splitting the keys into blocks of `_SPLIT_KEYS` gives it one small
+    product per block, summed afterwards. The CPU keeps the plain product.
+    """
+    keys = weights.shape[-1]
+    whole = keys // _SPLIT_KEYS * _SPLIT_KEYS
+    if topk.on_host(weights) or whole < 4 * _SPLIT_KEYS:
+        return torch.matmul(weights, values)
+    blocks = whole // _SPLIT_KEYS
+    parts = torch.matmul(
+        weights[..., :whole].unflatten(-1, (blocks, _SPLIT_KEYS)).transpose(-2, -3),
+        values[..., :whole, :].unflatten(-2, (blocks, _SPLIT_KEYS)),
+    )  # (n, kv_heads, blocks, group, d)
+    out = parts.sum(-3)
+    if whole < keys:
+        out += torch.matmul(weights[..., whole:], values[..., whole:, :])
+    return out
 
 
 def _largest_middle(
@@ -369,9 +428,16 @@ def finish_stacked(
                 for i, p in enumerate(partials)
             ]
         )
-        keys_needed = torch.where(torch.stack([p.solved for p in partials]), keys_needed, refined)
+        if all(p.solved is None for p in partials):
+            keys_needed = refined.float()
+        else:
+            solved = [
+                torch.zeros_like(p.total, dtype=torch.bool) if p.solved is None else p.solved
+                for p in partials
+            ]
+            keys_needed = torch.where(torch.stack(solved), keys_needed, refined)
     keep_logits = _pad([p.keep_logits for p in partials], -math.inf)
-    keep = torch.exp(keep_logits - log_total)
+    keep = torch.exp((keep_logits - high).sub_(log_total))
     first = partials[0].keep_is_sink
     if all(p.keep_is_sink is first for p in partials):  # one keep-set for all layers
         is_sink = first.reshape(1, n, 1, -1, 1)
@@ -386,7 +452,7 @@ def finish_stacked(
     kept = torch.matmul(relative, _pad([p.keep_values for p in partials], 0.0, dim=-2))
     kept_weight = relative.sum(-1, keepdim=True)
     if atoms is not None:
-        kept_weight += torch.exp(torch.log(atoms) - keep_high)
+        kept_weight += torch.exp(torch.log(atoms) + high - keep_high)
     kept = kept / kept_weight
     eviction = torch.linalg.vector_norm(output - kept, dim=-1, keepdim=True)
     eviction = eviction / torch.linalg.vector_norm(output, dim=-1, keepdim=True)
@@ -444,9 +510,16 @@ def _finish_host(
                     for i, p in enumerate(partials)
                 ]
             )
-            keys_needed = np.where(stacked("solved"), keys_needed, refined)
+            if all(p.solved is None for p in partials):
+                keys_needed = refined.astype(np.float32)
+            else:
+                solved = [
+                    np.zeros(p.total.shape, bool) if p.solved is None else host_view(p.solved)
+                    for p in partials
+                ]
+                keys_needed = np.where(np.stack(solved), keys_needed, refined)
         keep_logits = host_view(_pad([p.keep_logits for p in partials], -math.inf))
-        keep = np.exp(keep_logits - log_total)
+        keep = np.exp(keep_logits - high - log_total)
         first = partials[0].keep_is_sink
         if all(p.keep_is_sink is first for p in partials):  # one keep-set for all layers
             is_sink = host_view(first).reshape(1, n, 1, -1, 1)
@@ -462,7 +535,7 @@ def _finish_host(
         kept = np.matmul(relative, values)
         kept_weight = relative.sum(-1, keepdims=True)
         if atoms is not None:
-            kept_weight = kept_weight + np.exp(np.log(atoms) - keep_high)
+            kept_weight = kept_weight + np.exp(np.log(atoms) + high - keep_high)
         kept = kept / kept_weight
         eviction = np.linalg.norm(output - kept, axis=-1, keepdims=True)
         eviction = eviction / np.linalg.norm(output, axis=-1, keepdims=True)
@@ -475,8 +548,8 @@ def _finish_host(
     return stats, torch.from_numpy(visible)
 
 
-def _keep_logits(rows: RowInputs, logits_of: _Logits, high: torch.Tensor) -> torch.Tensor:
-    """Return (n, kv_heads, group, J) keep-set logits minus `high`, -inf where masked (S + R keys)."""
+def _keep_logits(rows: RowInputs, logits_of: _Logits) -> torch.Tensor:
+    """Return (n, kv_heads, group, J) keep-set logits, -inf where masked (S + R keys)."""
     index = rows.keep_index
     n = index.shape[0]
     batch = rows.batch_index[:, None].expand_as(index)
@@ -485,4 +558,4 @@ def _keep_logits(rows: RowInputs, logits_of: _Logits, high: torch.Tensor) -> tor
     if logits_of.softcap is not None:
         logits = torch.tanh(logits.div_(logits_of.softcap)).mul_(logits_of.softcap)
     bias = torch.gather(rows.bias.float(), 1, index).masked_fill_(~rows.keep_valid, -math.inf)
-    return logits.add_(bias.reshape(n, 1, 1, -1)).sub_(high)
+    return logits.add_(bias.reshape(n, 1, 1, -1))

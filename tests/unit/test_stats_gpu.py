@@ -1,4 +1,4 @@
-"""On CUDA: the statistics of long rows (block top-k, histogram, chunks, near-ties) equal the CPU ones."""
+"""On CUDA: the statistics of long rows (one-chunk sort, block top-k, histogram, chunks, near-ties) equal the CPU ones."""
 
 from __future__ import annotations
 
@@ -22,8 +22,13 @@ def to_cuda(rows: RowInputs) -> RowInputs:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(
     ("keys", "scales", "chunk_keys"),
-    [(20_000, MIXED, 65536), (20_000, MIXED, 7000), (40_000, [0.0] * 4 + [0.3] * 4, 7000)],
-    ids=["one-chunk", "chunks", "near-ties"],
+    [
+        (20_000, MIXED, 65536),
+        (20_000, MIXED, 7000),
+        (40_000, [0.0] * 4 + [0.3] * 4, 7000),
+        (40_000, [0.0] * 4 + [0.3] * 4, 65536),
+    ],
+    ids=["one-chunk", "chunks", "near-ties", "near-ties-one-chunk"],
 )
 def test_cuda_statistics_equal_cpu_statistics(
     keys: int, scales: list[float], chunk_keys: int

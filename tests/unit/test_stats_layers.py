@@ -8,7 +8,15 @@ import math
 import pytest
 import torch
 
-from collector.stats import RowInputs, StatsSpec, chunk_bounds, finish, layer_pass, row_statistics
+from collector.stats import (
+    RowInputs,
+    StatsSpec,
+    _weighted_values,
+    chunk_bounds,
+    finish,
+    layer_pass,
+    row_statistics,
+)
 
 # Each test runs on the numpy (CPU) and the torch (GPU) path: see the stats_path fixture.
 pytestmark = pytest.mark.usefixtures("stats_path")
@@ -137,6 +145,26 @@ def test_near_ties_beyond_the_sorted_limit_are_counted_as_equal_across_chunks() 
     want = direct(rows, 0.25)
     assert got["keys_for_90pct"][0, :4].tolist() == [36000.0] * 4
     assert_matches({k: got[k][:, 4:] for k in want}, {k: v[:, 4:] for k, v in want.items()})
+
+
+def test_near_ties_in_one_chunk_are_counted_exactly() -> None:
+    """40,000 equal logits in one chunk (the device path sorts the row): 90% is 36,000 keys."""
+    rows = make_rows(40_000, [0.0] * 4 + [0.3] * 4, rows=1)
+    got = row_statistics(rows, 0.25, StatsSpec())
+    want = direct(rows, 0.25)
+    assert got["keys_for_90pct"][0, :4].tolist() == [36000.0] * 4
+    assert_matches({k: got[k][:, 4:] for k in want}, {k: v[:, 4:] for k, v in want.items()})
+
+
+@pytest.mark.parametrize("keys", [4095, 4096, 9000])
+def test_weighted_values_split_over_key_blocks_equal_one_product(keys: int) -> None:
+    """p.V in blocks of keys (the device path from 4,096 keys on), remainder included."""
+    generator = torch.Generator().manual_seed(keys)
+    weights = torch.rand(2, 2, 4, keys, generator=generator)
+    values = torch.randn(2, 2, keys, 16, generator=generator)
+    want = torch.matmul(weights.double(), values.double())
+    got = _weighted_values(weights, values)
+    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-5)
 
 
 def test_heads_needing_more_than_the_top_k_but_fewer_than_1024_keys_are_exact() -> None:
