@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn import functional
 
 from collector import topk
 from collector.schema import DEFAULT_TOP_K, core_stat_names
@@ -96,24 +97,77 @@ class RowInputs:
     keep_all_valid: bool = False
 
 
-@dataclass(frozen=True)
-class _Logits:
-    """What computes the logits of a key range: queries, keys, bias (masked keys at `_MASKED`)."""
+# Whether this torch multiplies 16-bit matrices into float32 (`torch.bmm(..., out_dtype=)`, CUDA).
+_BMM_TO_FLOAT32 = "dtype" in torch.ops.aten.bmm.overloads()
 
-    query: torch.Tensor  # (n, kv_heads, group, d) float32, times the scaling
-    rows: RowInputs
-    bias: torch.Tensor | None  # (n, 1, 1, keys), None when it is zero
-    softcap: float | None
+
+class _Logits:
+    """What computes the logits of a key range: queries, keys, bias (masked keys at `_MASKED`).
+
+    16-bit keys on a device are multiplied as they are, into float32 (`_mixed_logits`): an
+    upcast copy of the keys would cost more than the product (at 64K keys on an H100, 0.39 ms
+    against 0.07 ms per layer). Otherwise the float32 query, times the scaling, meets the keys
+    upcast to float32.
+    """
+
+    def __init__(
+        self, rows: RowInputs, scaling: float, bias: torch.Tensor | None, softcap: float | None
+    ) -> None:
+        self.rows = rows
+        self.scaling = scaling
+        self.bias = bias  # (n, 1, 1, keys), None when it is zero
+        self.softcap = softcap
+        self.mixed = (
+            _BMM_TO_FLOAT32
+            and not topk.on_host(rows.key)
+            and rows.key.dtype in (torch.bfloat16, torch.float16)
+            and rows.query.dtype == rows.key.dtype
+        )
+        self._query: torch.Tensor | None = None
+
+    @property
+    def query(self) -> torch.Tensor:
+        """(n, kv_heads, group, d) float32 queries times the scaling (computed once, on first use)."""
+        if self._query is None:
+            # Scaling the few query rows instead of the logits saves a pass over the keys.
+            self._query = self.rows.query.float() * self.scaling
+        return self._query
 
     def __call__(self, start: int, stop: int) -> torch.Tensor:
         """Return (n, kv_heads, group, stop - start) float32 logits as the kernel computes them."""
         key = _gather(self.rows.key, self.rows.batch_index, start, stop)
-        if key.dtype != torch.float32:
-            key = key.float()
-        logits = torch.matmul(self.query, key.transpose(-1, -2))
+        if self.mixed:
+            logits = _mixed_logits(self.rows.query, key).mul_(self.scaling)
+        else:
+            logits = torch.matmul(self.query, key.float().transpose(-1, -2))
         if self.softcap is not None:
             logits = torch.tanh(logits.div_(self.softcap)).mul_(self.softcap)
         return logits if self.bias is None else logits.add_(self.bias[..., start:stop])
+
+
+def _mixed_logits(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Return (n, kv_heads, group, keys) float32 q.k of 16-bit query rows and keys, keys not copied.
+
+    query: (n, kv_heads, group, d); key: (n or 1, kv_heads, keys, d). The keys are the left
+    operand (keys x d times d x rows): cuBLAS runs that shape several times faster than rows x
+    keys. The result is a transposed view.
+    """
+    n, kv_heads, group, d = query.shape
+    keys = key.shape[2]
+    if key.shape[0] == 1:  # every row reads the one batch entry: rows join the group
+        right = query.permute(1, 3, 0, 2).reshape(kv_heads, d, n * group)
+        product = _bmm_float32(key[0], right)  # (kv_heads, keys, n * group)
+        return product.view(kv_heads, keys, n, group).permute(2, 0, 3, 1)
+    right = query.reshape(n * kv_heads, group, d).transpose(1, 2)
+    product = _bmm_float32(key.reshape(n * kv_heads, keys, d), right)
+    return product.view(n, kv_heads, keys, group).transpose(-1, -2)
+
+
+def _bmm_float32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Batched product of 16-bit matrices in float32; on the CPU (tests) through float32 copies."""
+    if left.is_cuda:
+        return torch.bmm(left, right, out_dtype=torch.float32)
+    return torch.bmm(left.float(), right.float())
 
 
 def _gather(t: torch.Tensor, batch_index: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -162,6 +216,9 @@ class LayerPartial:
     solved: torch.Tensor | None  # rows whose count the top-k gives; None: keys_needed has all
     keys_needed: torch.Tensor | None  # rows not `solved` by the top-k; None when all are
     out_is_output: bool = False  # `out` is the attention output itself, not the unnormalised sum
+    # From `_sorted_counts`: `top` holds weights relative to `high`, and `keys_needed` the keys
+    # before the one that reaches the target (one less than the count).
+    counted_by_sort: bool = False
     # (n, kv_heads, group, spec.middle_keys) key indices of the largest middle keys, largest
     # first, -1 past the last visible one; None unless spec.middle_keys > 0.
     middle_index: torch.Tensor | None = None
@@ -185,9 +242,7 @@ def layer_pass(
     total_keys = rows.key.shape[2]
     kmax = min(max(spec.top_k), total_keys)
     bias = None if rows.bias_is_zero else rows.bias.float().clamp(min=_MASKED)[:, None, None, :]
-    # Scaling the few query rows instead of the logits saves a pass over the keys.
-    query = rows.query if rows.query.dtype == torch.float32 else rows.query.float()
-    logits_of = _Logits(query * scaling, rows, bias, softcap)
+    logits_of = _Logits(rows, scaling, bias, softcap)
     bounds = chunk_bounds(total_keys, spec.chunk_keys)
     sort_whole = len(bounds) == 1 and not topk.on_host(rows.query)
     high = total = entropy_sum = out = top = shifted = weights = rows.query  # set by chunk 0
@@ -214,8 +269,8 @@ def layer_pass(
         chunk_entropy = torch.linalg.vecdot(weights, shifted)[..., None]
         chunk_out = out  # the kernel's output, when given, stands in for p.V (set after the loop)
         if rows.output is None:
-            values = _gather(rows.value, rows.batch_index, start, stop).float()
-            chunk_out = _weighted_values(weights, values)
+            values = _gather(rows.value, rows.batch_index, start, stop)
+            chunk_out, values = _weighted_values(weights, values)
         if i == 0:
             total, entropy_sum, out, top = chunk_sum, chunk_entropy, chunk_out, chunk_top
         else:
@@ -238,7 +293,7 @@ def layer_pass(
     goal = spec.mass_target * (1 - _MASS_SLACK)
     keys_needed = solved = None
     if sort_whole:
-        top, keys_needed = _sorted_counts(weights, high, kmax, goal)
+        top, keys_needed = _sorted_counts(weights, kmax, goal)
     else:
         # Does the top-k hold the mass target? (a host sync, on measured rows only)
         target = total * goal if atom is None else (total - atom).mul_(goal)
@@ -277,14 +332,15 @@ def layer_pass(
         middle_index = middle[1].masked_fill_(middle[0] <= _MASKED / 2, -1)
     return LayerPartial(
         high, total, entropy_sum, atom, out, top, keep_logits, keep_values,
-        rows.keep_is_sink, visible, solved, keys_needed, rows.output is not None, middle_index,
+        rows.keep_is_sink, visible, solved, keys_needed, rows.output is not None, sort_whole,
+        middle_index,
     )  # fmt: skip
 
 
-def _sorted_counts(
-    weights: torch.Tensor, high: torch.Tensor, k: int, goal: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the k largest logits and the fewest keys reaching `goal` of the keys' mass, from one sort.
+def _sorted_counts(weights: torch.Tensor, k: int, goal: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the k largest weights and how many keys come before the one reaching `goal` of the mass.
+
+    (`finish` turns them into logits and counts for all layers at once: `LayerPartial.counted_by_sort`.)
 
     weights: (n, kv_heads, group, keys) exp(logit - row maximum), one chunk, on a device. A
     device sorts a few rows of 64K keys in a fraction of a millisecond with no host sync, where
@@ -295,36 +351,43 @@ def _sorted_counts(
     """
     ordered = weights.sort(dim=-1, descending=True).values
     cumulative = ordered.cumsum(-1, dtype=torch.float64)
-    # keys before the first running sum reaching the target, plus that key
-    needed = torch.searchsorted(cumulative, cumulative[..., -1:] * goal).add_(1)
-    return torch.log(ordered[..., :k]).add_(high), needed
+    # the keys before the first running sum that reaches the target
+    return ordered[..., :k], torch.searchsorted(cumulative, cumulative[..., -1:] * goal)
 
 
 # Keys per block of the split p.V product on a device (see `_weighted_values`).
 _SPLIT_KEYS = 1024
 
 
-def _weighted_values(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Return (n, kv_heads, group, d) = weights @ values, for (.., group, keys) and (.., keys, d).
+def _weighted_values(
+    weights: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return weights @ values (n, kv_heads, group, d) and the values in float32.
 
+    weights: (n, kv_heads, group, keys) float32; values: (n, kv_heads, keys, d), any float dtype.
     On a device the product has a few rows and tens of thousands of keys to sum over: cuBLAS
     runs it on a handful of thread blocks (0.5 ms per layer at 16K keys on an H100, more than
     the rest of the layer). Splitting the keys into blocks of `_SPLIT_KEYS` gives it one small
-    product per block, summed afterwards. The CPU keeps the plain product.
+    product per block, summed afterwards. The float32 copy of the values is made with room for
+    whole blocks (zeros past the last key), so that the blocks are a view of it. The CPU keeps
+    the plain product.
     """
     keys = weights.shape[-1]
-    whole = keys // _SPLIT_KEYS * _SPLIT_KEYS
-    if topk.on_host(weights) or whole < 4 * _SPLIT_KEYS:
-        return torch.matmul(weights, values)
-    blocks = whole // _SPLIT_KEYS
+    if topk.on_host(weights) or keys < 4 * _SPLIT_KEYS:
+        values = values.float()
+        return torch.matmul(weights, values), values
+    blocks = -(-keys // _SPLIT_KEYS)
+    padded = blocks * _SPLIT_KEYS
+    upcast = values.new_empty((*values.shape[:-2], padded, values.shape[-1]), dtype=torch.float32)
+    upcast[..., keys:, :].zero_()
+    upcast[..., :keys, :].copy_(values)
     parts = torch.matmul(
-        weights[..., :whole].unflatten(-1, (blocks, _SPLIT_KEYS)).transpose(-2, -3),
-        values[..., :whole, :].unflatten(-2, (blocks, _SPLIT_KEYS)),
+        functional.pad(weights, (0, padded - keys))
+        .unflatten(-1, (blocks, _SPLIT_KEYS))
+        .transpose(-2, -3),
+        upcast.unflatten(-2, (blocks, _SPLIT_KEYS)),
     )  # (n, kv_heads, blocks, group, d)
-    out = parts.sum(-3)
-    if whole < keys:
-        out += torch.matmul(weights[..., whole:], values[..., whole:, :])
-    return out
+    return parts.sum(-3), upcast[..., :keys, :]
 
 
 def _largest_middle(
@@ -408,7 +471,7 @@ def finish_stacked(
         output = torch.stack([p.out for p in partials])
     else:
         output = torch.stack([p.out if p.out_is_output else p.out / p.total for p in partials])
-    top = _pad([p.top for p in partials], -math.inf)
+    top = _top_logits(partials, high)
     cum_top = torch.exp(sorted_descending(top) - lse).cumsum(-1)
     top_masses = cum_top[..., [min(k, top.shape[-1]) - 1 for k in spec.top_k]]
     atoms = None
@@ -422,12 +485,18 @@ def finish_stacked(
     keys_needed = (cum_top < target).sum(-1, keepdim=True, dtype=torch.float32)
     keys_needed.clamp_(max=top.shape[-1] - 1).add_(1.0)
     if any(p.keys_needed is not None for p in partials):
-        refined = torch.stack(
-            [
-                keys_needed[i] if p.keys_needed is None else p.keys_needed
-                for i, p in enumerate(partials)
-            ]
-        )
+        if all(p.counted_by_sort for p in partials):  # one addition for all layers
+            refined = torch.stack([p.keys_needed for p in partials if p.keys_needed is not None])
+            refined.add_(1)
+        else:
+            refined = torch.stack(
+                [
+                    keys_needed[i]
+                    if p.keys_needed is None
+                    else _counted(p.keys_needed, p.counted_by_sort)
+                    for i, p in enumerate(partials)
+                ]
+            )
         if all(p.solved is None for p in partials):
             keys_needed = refined.float()
         else:
@@ -464,6 +533,27 @@ def finish_stacked(
     return stacked.reshape(layers, n, kv_heads * group, -1), visible
 
 
+def _top_logits(partials: list[LayerPartial], high: torch.Tensor | None) -> torch.Tensor:
+    """Return (layers, n, kv_heads, group, widest k) top-k logits, padded with -inf.
+
+    high: the stacked `high` of the partials, or None to stack it here when needed. The top-k
+    of a `counted_by_sort` partial is weights relative to its `high`: their logarithm is taken here,
+    for all such layers at once.
+    """
+    if all(p.counted_by_sort for p in partials):
+        if high is None:
+            high = torch.stack([p.high for p in partials])
+        return torch.log(_pad([p.top for p in partials], 0.0)).add_(high)
+    return _pad(
+        [torch.log(p.top).add_(p.high) if p.counted_by_sort else p.top for p in partials], -math.inf
+    )
+
+
+def _counted(keys_needed: torch.Tensor, from_sort: bool) -> torch.Tensor:
+    """A partial's count of keys reaching the target (`_sorted_counts` leaves out the last one)."""
+    return keys_needed + 1 if from_sort else keys_needed
+
+
 def _finish_host(
     partials: list[LayerPartial], spec: StatsSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -487,7 +577,7 @@ def _finish_host(
         output = host_view(
             torch.stack([p.out if p.out_is_output else p.out / p.total for p in partials])
         )
-        top = host_view(_pad([p.top for p in partials], -math.inf))
+        top = host_view(_top_logits(partials, None))
         cum_top = np.exp(-np.sort(-top, axis=-1) - lse).cumsum(-1)
         top_masses = cum_top[..., [min(k, top.shape[-1]) - 1 for k in spec.top_k]]
         atoms = None
@@ -506,7 +596,9 @@ def _finish_host(
         if any(p.keys_needed is not None for p in partials):
             refined = np.stack(
                 [
-                    keys_needed[i] if p.keys_needed is None else host_view(p.keys_needed)
+                    keys_needed[i]
+                    if p.keys_needed is None
+                    else host_view(_counted(p.keys_needed, p.counted_by_sort))
                     for i, p in enumerate(partials)
                 ]
             )

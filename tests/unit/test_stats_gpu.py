@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from collector.stats import RowInputs, StatsSpec, row_statistics
-from tests.unit.test_stats_layers import MIXED, make_rows
+from tests.unit.test_stats_layers import MIXED, assert_matches, direct, make_rows, to_16bit
 
 pytestmark = pytest.mark.gpu
 
@@ -42,3 +44,20 @@ def test_cuda_statistics_equal_cpu_statistics(
         torch.testing.assert_close(
             gpu[name].cpu().double(), value.double(), atol=tolerance, rtol=0, msg=name
         )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [1, 2], ids=["one-batch-entry", "two-batch-entries"])
+def test_cuda_bfloat16_statistics_equal_the_direct_computation(rows: int) -> None:
+    """bfloat16 keys multiplied as they are into float32 (`torch.bmm(..., out_dtype=)`)."""
+    inputs = make_rows(20_000, MIXED, rows=rows)
+    if rows == 1:
+        inputs = dataclasses.replace(
+            inputs, key=inputs.key[2:], value=inputs.value[2:], batch_index=torch.tensor([0])
+        )
+    inputs = to_16bit(inputs, torch.bfloat16)
+    got = row_statistics(to_cuda(inputs), 0.25, StatsSpec())
+    upcast = dataclasses.replace(
+        inputs, query=inputs.query.float(), key=inputs.key.float(), value=inputs.value.float()
+    )
+    assert_matches({name: value.cpu() for name, value in got.items()}, direct(upcast, 0.25))

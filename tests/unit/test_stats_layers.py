@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -158,13 +159,44 @@ def test_near_ties_in_one_chunk_are_counted_exactly() -> None:
 
 @pytest.mark.parametrize("keys", [4095, 4096, 9000])
 def test_weighted_values_split_over_key_blocks_equal_one_product(keys: int) -> None:
-    """p.V in blocks of keys (the device path from 4,096 keys on), remainder included."""
+    """p.V in blocks of keys (the device path from 4,096 keys on, padded to whole blocks), from 16-bit values."""
     generator = torch.Generator().manual_seed(keys)
     weights = torch.rand(2, 2, 4, keys, generator=generator)
     values = torch.randn(2, 2, keys, 16, generator=generator)
-    want = torch.matmul(weights.double(), values.double())
-    got = _weighted_values(weights, values)
+    got, upcast = _weighted_values(weights, values.bfloat16())
+    want = torch.matmul(weights.double(), values.bfloat16().double())
     torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-5)
+    assert upcast.dtype == torch.float32 and bool((upcast == values.bfloat16().float()).all())
+
+
+def to_16bit(rows: RowInputs, dtype: torch.dtype) -> RowInputs:
+    """The same rows with 16-bit queries, keys and values (as a bfloat16 or float16 model has them)."""
+    return dataclasses.replace(
+        rows, query=rows.query.to(dtype), key=rows.key.to(dtype), value=rows.value.to(dtype)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("keys", "rows"), [(5000, 1), (5000, 2), (20_000, 2)])
+def test_16bit_rows_equal_the_direct_computation_from_their_values(
+    dtype: torch.dtype, keys: int, rows: int
+) -> None:
+    """16-bit queries, keys and values: statistics of the float32 products of those values.
+
+    The device path multiplies the 16-bit keys as they are (`_mixed_logits`; one batch entry
+    with two rows, or two batch entries) and upcasts the values once.
+    """
+    inputs = make_rows(keys, MIXED, rows=rows)
+    if rows == 1:  # one batch entry in the cache
+        inputs = dataclasses.replace(
+            inputs, key=inputs.key[2:], value=inputs.value[2:], batch_index=torch.tensor([0])
+        )
+    inputs = to_16bit(inputs, dtype)
+    got = row_statistics(inputs, 0.25, StatsSpec())
+    upcast = dataclasses.replace(
+        inputs, query=inputs.query.float(), key=inputs.key.float(), value=inputs.value.float()
+    )
+    assert_matches(got, direct(upcast, 0.25))
 
 
 def test_heads_needing_more_than_the_top_k_but_fewer_than_1024_keys_are_exact() -> None:
