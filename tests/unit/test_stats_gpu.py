@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from collector.stats import RowInputs, StatsSpec, row_statistics
-from tests.unit.test_stats_layers import MIXED, assert_matches, direct, make_rows, to_16bit
+from tests.unit.test_stats_layers import MIXED, direct, make_rows, to_16bit
 
 pytestmark = pytest.mark.gpu
 
@@ -60,4 +60,9 @@ def test_cuda_bfloat16_statistics_equal_the_direct_computation(rows: int) -> Non
     upcast = dataclasses.replace(
         inputs, query=inputs.query.float(), key=inputs.key.float(), value=inputs.value.float()
     )
-    assert_matches({name: value.cpu() for name, value in got.items()}, direct(upcast, 0.25))
+    for name, value in direct(upcast, 0.25).items():
+        # float32 sums in another order may move a count at the 90% crossing by one key
+        tolerance = {"eviction_error": 1e-4, "keys_for_90pct": 1.0}.get(name, 1e-5)
+        torch.testing.assert_close(
+            got[name].cpu().double(), value, atol=tolerance, rtol=0, msg=name
+        )
