@@ -63,6 +63,9 @@ class PassPlan:
     _index_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict
     )
+    # Buffers the statistics of the layers share (`collector.stats.RowInputs.scratch`); they go
+    # with the plan at the end of the pass.
+    _scratch: dict[tuple[object, ...], torch.Tensor] = field(default_factory=dict)
 
 
 def plan_rows(
@@ -266,4 +269,5 @@ def layer_inputs(
         bias_is_zero=cached[3],
         output=row_output,
         keep_all_valid=keep_all_valid,
+        scratch=plan._scratch,
     )

@@ -78,6 +78,7 @@ class RowInputs:
     visible: (n,) number of visible keys (the finite entries of bias), or None to count them here.
     bias_is_zero: True when bias is 0 everywhere (nothing masked, no additive term): skipped.
     keep_all_valid: True when every keep_valid entry is True (no padding in the keep-set).
+    scratch: buffers the layers of one pass share (`_padded`), or None for buffers of this call.
     output: (n, kv_heads, group, d) float32 attention output of the rows as the kernel computed
         it, or None to compute p.V here.
     """
@@ -95,6 +96,7 @@ class RowInputs:
     bias_is_zero: bool = False
     output: torch.Tensor | None = None
     keep_all_valid: bool = False
+    scratch: dict[tuple[object, ...], torch.Tensor] | None = None
 
 
 # Whether this torch multiplies 16-bit matrices into float32 (`torch.bmm(..., out_dtype=)`, CUDA).
@@ -244,7 +246,8 @@ def layer_pass(
     bias = None if rows.bias_is_zero else rows.bias.float().clamp(min=_MASKED)[:, None, None, :]
     logits_of = _Logits(rows, scaling, bias, softcap)
     bounds = chunk_bounds(total_keys, spec.chunk_keys)
-    sort_whole = len(bounds) == 1 and not topk.on_host(rows.query)
+    if len(bounds) == 1 and rows.sinks is None and not topk.on_host(rows.query):
+        return _device_pass(rows, logits_of, spec)
     high = total = entropy_sum = out = top = shifted = weights = rows.query  # set by chunk 0
     values = rows.value
     keep_raw = None
@@ -256,14 +259,11 @@ def layer_pass(
         if len(bounds) == 1:  # the keep-set's logits, read before they are shifted in place
             index = rows.keep_index.reshape(n, 1, 1, -1).expand(n, kv_heads, group, -1)
             keep_raw = logits.gather(-1, index)
-        # One chunk on a device: a sort after the loop gives the top-k and keys_for_90pct.
-        chunk_top = rows.query if sort_whole else top_values(logits, min(kmax, stop - start))
+        chunk_top = top_values(logits, min(kmax, stop - start))
         chunk_max = logits.amax(-1, keepdim=True)
         new_high = chunk_max if i == 0 else torch.maximum(high, chunk_max)
         # In place: the raw logits are not needed again.
-        shifted = logits.sub_(new_high)
-        if not sort_whole:  # a device's exp has no slow path, and no chunk is recomputed
-            shifted.clamp_(min=_FLOOR)
+        shifted = logits.sub_(new_high).clamp_(min=_FLOOR)
         weights = torch.exp(shifted)
         chunk_sum = weights.sum(-1, keepdim=True)
         chunk_entropy = torch.linalg.vecdot(weights, shifted)[..., None]
@@ -291,54 +291,136 @@ def layer_pass(
         entropy_sum = entropy_sum + torch.special.xlogy(atom, atom)
     visible = (rows.bias > -math.inf).sum(-1) if rows.visible is None else rows.visible
     goal = spec.mass_target * (1 - _MASS_SLACK)
-    keys_needed = solved = None
-    if sort_whole:
-        top, keys_needed = _sorted_counts(weights, kmax, goal)
-    else:
-        # Does the top-k hold the mass target? (a host sync, on measured rows only)
-        target = total * goal if atom is None else (total - atom).mul_(goal)
-        held = torch.exp(top - high).sum(-1, keepdim=True)
-        # Rows with NaN weights are not solved and get a meaningless count: they come out as NaN.
-        solved = held >= target
-        if not bool(solved.all()):
-            # Recomputed chunks are shifted and clamped exactly as above.
-            keys_needed = keys_for_target(
-                lambda start, stop: logits_of(start, stop).sub_(high).clamp_(min=_FLOOR),
-                bounds, target, (shifted, weights), solved, goal,
-            )  # fmt: skip
+    # Does the top-k hold the mass target? (a host sync, on measured rows only)
+    target = total * goal if atom is None else (total - atom).mul_(goal)
+    held = torch.exp(top - high).sum(-1, keepdim=True)
+    # Rows with NaN weights are not solved and get a meaningless count: they come out as NaN.
+    solved = held >= target
+    keys_needed = None
+    if not bool(solved.all()):
+        # Recomputed chunks are shifted and clamped exactly as above.
+        keys_needed = keys_for_target(
+            lambda start, stop: logits_of(start, stop).sub_(high).clamp_(min=_FLOOR),
+            bounds, target, (shifted, weights), solved, goal,
+        )  # fmt: skip
     if keep_raw is None:
         keep_logits = _keep_logits(rows, logits_of)
-    elif rows.bias_is_zero and rows.keep_all_valid:
-        keep_logits = keep_raw  # nothing masked, no padding
     else:
-        # Masked keys carry the finite _MASKED logit here: set them (and padding) to -inf.
-        hidden = ~rows.keep_valid.reshape(n, 1, 1, -1)
-        if not rows.bias_is_zero:
-            hidden = hidden | (keep_raw <= _MASKED / 2)
-        keep_logits = keep_raw.masked_fill_(hidden, -math.inf)
+        keep_logits = _masked_keep(rows, keep_raw)
     if len(bounds) > 1 or rows.output is not None or rows.value.shape[0] > 1:
         values = rows.value  # else: the one chunk's float32 values, all batch entries
-    if n == 1 and values.shape[0] == 1:  # one index op
+    if rows.output is not None:  # the kernel's output: already divided by the total
+        out = rows.output
+    return LayerPartial(
+        high, total, entropy_sum, atom, out, top, keep_logits, _keep_values(rows, values),
+        rows.keep_is_sink, visible, solved, keys_needed, rows.output is not None,
+        middle_index=_middle_index(middle),
+    )  # fmt: skip
+
+
+def _device_pass(rows: RowInputs, logits_of: _Logits, spec: StatsSpec) -> LayerPartial:
+    """`layer_pass` of one chunk on a device, without learned sinks: about 15 kernels, no host sync.
+
+    A serving process launches these kernels one by one from Python, so their number sets the
+    cost (on an H100 the launch, not the arithmetic, is most of a layer's time up to 16K keys).
+    Log-probabilities come from one fused log-softmax, so that everything is relative to the
+    log-sum-exp: `high` is 0 and `total` the sum of the probabilities (1 up to rounding; NaN,
+    and the row flagged, when its logits are not finite). One sort of the probabilities gives
+    the top-k and `keys_for_90pct` (`_sorted_counts`). Buffers padded to whole blocks of keys
+    are shared by the layers of a pass (`RowInputs.scratch`).
+    """
+    n, kv_heads, group, _ = rows.query.shape
+    keys = rows.key.shape[2]
+    scratch = {} if rows.scratch is None else rows.scratch
+    logits = logits_of(0, keys)
+    middle = _largest_middle(logits, rows, 0, spec.middle_keys, None) if spec.middle_keys else None
+    log_p = torch.log_softmax(logits, dim=-1)
+    index = rows.keep_index.reshape(n, 1, 1, -1).expand(n, kv_heads, group, -1)
+    keep_logits = _masked_keep(rows, log_p.gather(-1, index))
+    padded = _padded(scratch, log_p.device, (n, kv_heads, group), keys, None)
+    weights = torch.exp(log_p, out=padded[..., :keys])
+    entropy_sum = torch.linalg.vecdot(weights, log_p)[..., None]
+    values = rows.value
+    if rows.output is not None:
+        out = rows.output
+    else:
+        value = _gather(rows.value, rows.batch_index, 0, keys)
+        upcast = _padded(scratch, log_p.device, value.shape[:2], keys, value.shape[-1])
+        values = upcast[..., :keys, :].copy_(value)
+        out = _split_product(padded, upcast)
+        if rows.value.shape[0] > 1:
+            values = rows.value  # the copy holds the rows' entries, not the batch's
+    goal = spec.mass_target * (1 - _MASS_SLACK)
+    top, keys_needed, total = _sorted_counts(weights, min(max(spec.top_k), keys), goal)
+    zero = scratch.get(("zero", n, kv_heads, group))
+    if zero is None:
+        zero = scratch[("zero", n, kv_heads, group)] = weights.new_zeros((n, kv_heads, group, 1))
+    visible = (rows.bias > -math.inf).sum(-1) if rows.visible is None else rows.visible
+    return LayerPartial(
+        zero, total, entropy_sum, None, out, top, keep_logits, _keep_values(rows, values),
+        rows.keep_is_sink, visible, None, keys_needed, rows.output is not None,
+        counted_by_sort=True, middle_index=_middle_index(middle),
+    )  # fmt: skip
+
+
+def _masked_keep(rows: RowInputs, keep: torch.Tensor) -> torch.Tensor:
+    """Return the keep-set's logits with masked keys (finite `_MASKED` logits) and padding at -inf."""
+    if rows.bias_is_zero and rows.keep_all_valid:
+        return keep  # nothing masked, no padding
+    hidden = ~rows.keep_valid.reshape(keep.shape[0], 1, 1, -1)
+    if not rows.bias_is_zero:
+        # after a log-softmax a masked logit is still about _MASKED
+        hidden = hidden | (keep <= _MASKED / 2)
+    return keep.masked_fill_(hidden, -math.inf)
+
+
+def _keep_values(rows: RowInputs, values: torch.Tensor) -> torch.Tensor:
+    """Return (n, kv_heads, J, d) float32 values of the keep-set; `values` is rows.value or its float32 copy."""
+    if rows.keep_index.shape[0] == 1 and values.shape[0] == 1:  # one index op
         keep_values = values[:, :, rows.keep_index[0]]
     else:
         batch = rows.batch_index[:, None].expand_as(rows.keep_index)
         keep_values = values[batch, :, rows.keep_index].transpose(1, 2)
-    if keep_values.dtype != torch.float32:
-        keep_values = keep_values.float()
-    if rows.output is not None:  # the kernel's output: already divided by the total
-        out = rows.output
-    middle_index = None
-    if middle is not None:  # masked keys (and the -inf fill) are not middle keys
-        middle_index = middle[1].masked_fill_(middle[0] <= _MASKED / 2, -1)
-    return LayerPartial(
-        high, total, entropy_sum, atom, out, top, keep_logits, keep_values,
-        rows.keep_is_sink, visible, solved, keys_needed, rows.output is not None, sort_whole,
-        middle_index,
-    )  # fmt: skip
+    return keep_values if keep_values.dtype == torch.float32 else keep_values.float()
 
 
-def _sorted_counts(weights: torch.Tensor, k: int, goal: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the k largest weights and how many keys come before the one reaching `goal` of the mass.
+def _middle_index(middle: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+    """Indices of the largest middle keys, -1 where masked (those, and the -inf fill, are not middle keys)."""
+    if middle is None:
+        return None
+    return middle[1].masked_fill_(middle[0] <= _MASKED / 2, -1)
+
+
+def _padded(
+    scratch: dict[tuple[object, ...], torch.Tensor],
+    device: torch.device,
+    lead: tuple[int, ...] | torch.Size,
+    keys: int,
+    width: int | None,
+) -> torch.Tensor:
+    """Return a float32 buffer (*lead, keys rounded up to whole `_SPLIT_KEYS` blocks[, width]).
+
+    Zero past `keys`; what is before is the caller's to fill. Kept in `scratch` under its
+    shape, so that the layers of a pass allocate and zero it once.
+    """
+    padded = -(-keys // _SPLIT_KEYS) * _SPLIT_KEYS
+    shape = (*lead, padded) if width is None else (*lead, padded, width)
+    key = (keys, device, *shape)
+    buffer = scratch.get(key)
+    if buffer is None:
+        buffer = torch.empty(shape, dtype=torch.float32, device=device)
+        (buffer[..., keys:] if width is None else buffer[..., keys:, :]).zero_()
+        scratch[key] = buffer
+    return buffer
+
+
+def _sorted_counts(
+    weights: torch.Tensor, k: int, goal: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return the k largest weights, the keys before the one reaching `goal` of the mass, the mass.
+
+    The mass is (n, kv_heads, group, 1) float32, NaN for a row with a NaN weight. All three are
+    copies: a view would keep the sorted rows alive until `finish`.
 
     (`finish` turns them into logits and counts for all layers at once: `LayerPartial.counted_by_sort`.)
 
@@ -351,8 +433,10 @@ def _sorted_counts(weights: torch.Tensor, k: int, goal: float) -> tuple[torch.Te
     """
     ordered = weights.sort(dim=-1, descending=True).values
     cumulative = ordered.cumsum(-1, dtype=torch.float64)
+    total = cumulative[..., -1:]
     # the keys before the first running sum that reaches the target
-    return ordered[..., :k], torch.searchsorted(cumulative, cumulative[..., -1:] * goal)
+    before = torch.searchsorted(cumulative, total * goal)
+    return ordered[..., :k].clone(), before, total.float()
 
 
 # Keys per block of the split p.V product on a device (see `_weighted_values`).
@@ -376,18 +460,24 @@ def _weighted_values(
     if topk.on_host(weights) or keys < 4 * _SPLIT_KEYS:
         values = values.float()
         return torch.matmul(weights, values), values
-    blocks = -(-keys // _SPLIT_KEYS)
-    padded = blocks * _SPLIT_KEYS
-    upcast = values.new_empty((*values.shape[:-2], padded, values.shape[-1]), dtype=torch.float32)
-    upcast[..., keys:, :].zero_()
+    padded = -(-keys // _SPLIT_KEYS) * _SPLIT_KEYS
+    upcast = _padded({}, values.device, values.shape[:-2], keys, values.shape[-1])
     upcast[..., :keys, :].copy_(values)
+    out = _split_product(functional.pad(weights, (0, padded - keys)), upcast)
+    return out, upcast[..., :keys, :]
+
+
+def _split_product(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Return weights @ values summed over blocks of `_SPLIT_KEYS` keys (padded to whole blocks).
+
+    weights: (n, kv_heads, group, keys); values: (n or 1, kv_heads, keys, d), both float32.
+    """
+    blocks = weights.shape[-1] // _SPLIT_KEYS
     parts = torch.matmul(
-        functional.pad(weights, (0, padded - keys))
-        .unflatten(-1, (blocks, _SPLIT_KEYS))
-        .transpose(-2, -3),
-        upcast.unflatten(-2, (blocks, _SPLIT_KEYS)),
+        weights.unflatten(-1, (blocks, _SPLIT_KEYS)).transpose(-2, -3),
+        values.unflatten(-2, (blocks, _SPLIT_KEYS)),
     )  # (n, kv_heads, blocks, group, d)
-    return parts.sum(-3), upcast[..., :keys, :]
+    return parts.sum(-3)
 
 
 def _largest_middle(
@@ -469,6 +559,8 @@ def finish_stacked(
     entropy = log_total - torch.stack([p.entropy_sum for p in partials]) / total
     if all(p.out_is_output for p in partials):
         output = torch.stack([p.out for p in partials])
+    elif not any(p.out_is_output for p in partials):  # one division for all layers
+        output = torch.stack([p.out for p in partials]) / total
     else:
         output = torch.stack([p.out if p.out_is_output else p.out / p.total for p in partials])
     top = _top_logits(partials, high)
