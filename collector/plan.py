@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ class PassPlan:
     )
     # Buffers the statistics of the layers share (`collector.stats.RowInputs.scratch`); they go
     # with the plan at the end of the pass.
-    _scratch: dict[tuple[object, ...], torch.Tensor] = field(default_factory=dict)
+    _scratch: dict[tuple[object, ...], Any] = field(default_factory=dict)
 
 
 def plan_rows(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,7 +97,7 @@ class RowInputs:
     bias_is_zero: bool = False
     output: torch.Tensor | None = None
     keep_all_valid: bool = False
-    scratch: dict[tuple[object, ...], torch.Tensor] | None = None
+    scratch: dict[tuple[object, ...], Any] | None = None
 
 
 # Whether this torch multiplies 16-bit matrices into float32 (`torch.bmm(..., out_dtype=)`, CUDA).
@@ -324,10 +325,11 @@ def _device_pass(rows: RowInputs, logits_of: _Logits, spec: StatsSpec) -> LayerP
     A serving process launches these kernels one by one from Python, so their number sets the
     cost (on an H100 the launch, not the arithmetic, is most of a layer's time up to 16K keys).
     Log-probabilities come from one fused log-softmax, so that everything is relative to the
-    log-sum-exp: `high` is 0 and `total` the sum of the probabilities (1 up to rounding; NaN,
-    and the row flagged, when its logits are not finite). One sort of the probabilities gives
-    the top-k and `keys_for_90pct` (`_sorted_counts`). Buffers padded to whole blocks of keys
-    are shared by the layers of a pass (`RowInputs.scratch`).
+    log-sum-exp: `high` is 0 and `total` is 1 (their sum differs from 1 by float32 rounding,
+    1e-7; a row whose logits are not finite has a NaN entropy, and `finish` flags it). One sort
+    of the probabilities gives the top-k and `keys_for_90pct` (`_sorted_counts`). Buffers
+    padded to whole blocks of keys, constants and index views are shared by the layers of a
+    pass (`RowInputs.scratch`).
     """
     n, kv_heads, group, _ = rows.query.shape
     keys = rows.key.shape[2]
@@ -335,7 +337,16 @@ def _device_pass(rows: RowInputs, logits_of: _Logits, spec: StatsSpec) -> LayerP
     logits = logits_of(0, keys)
     middle = _largest_middle(logits, rows, 0, spec.middle_keys, None) if spec.middle_keys else None
     log_p = torch.log_softmax(logits, dim=-1)
-    index = rows.keep_index.reshape(n, 1, 1, -1).expand(n, kv_heads, group, -1)
+    # the keep-set's index per head (one per key count in a pass), a maximum of 0, a total of 1
+    name = ("shared", keys, log_p.device, n, kv_heads, group)
+    shared = scratch.get(name)
+    if shared is None:
+        shared = scratch[name] = (
+            rows.keep_index.reshape(n, 1, 1, -1).expand(n, kv_heads, group, -1),
+            log_p.new_zeros((n, kv_heads, group, 1)),
+            log_p.new_ones((n, kv_heads, group, 1)),
+        )
+    index, zero, one = shared
     keep_logits = _masked_keep(rows, log_p.gather(-1, index))
     padded = _padded(scratch, log_p.device, (n, kv_heads, group), keys, None)
     weights = torch.exp(log_p, out=padded[..., :keys])
@@ -351,13 +362,10 @@ def _device_pass(rows: RowInputs, logits_of: _Logits, spec: StatsSpec) -> LayerP
         if rows.value.shape[0] > 1:
             values = rows.value  # the copy holds the rows' entries, not the batch's
     goal = spec.mass_target * (1 - _MASS_SLACK)
-    top, keys_needed, total = _sorted_counts(weights, min(max(spec.top_k), keys), goal)
-    zero = scratch.get(("zero", n, kv_heads, group))
-    if zero is None:
-        zero = scratch[("zero", n, kv_heads, group)] = weights.new_zeros((n, kv_heads, group, 1))
+    top, keys_needed = _sorted_counts(weights, min(max(spec.top_k), keys), goal)
     visible = (rows.bias > -math.inf).sum(-1) if rows.visible is None else rows.visible
     return LayerPartial(
-        zero, total, entropy_sum, None, out, top, keep_logits, _keep_values(rows, values),
+        zero, one, entropy_sum, None, out, top, keep_logits, _keep_values(rows, values),
         rows.keep_is_sink, visible, None, keys_needed, rows.output is not None,
         counted_by_sort=True, middle_index=_middle_index(middle),
     )  # fmt: skip
@@ -392,7 +400,7 @@ def _middle_index(middle: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Ten
 
 
 def _padded(
-    scratch: dict[tuple[object, ...], torch.Tensor],
+    scratch: dict[tuple[object, ...], Any],
     device: torch.device,
     lead: tuple[int, ...] | torch.Size,
     keys: int,
@@ -414,13 +422,10 @@ def _padded(
     return buffer
 
 
-def _sorted_counts(
-    weights: torch.Tensor, k: int, goal: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return the k largest weights, the keys before the one reaching `goal` of the mass, the mass.
+def _sorted_counts(weights: torch.Tensor, k: int, goal: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the k largest weights and how many keys come before the one reaching `goal` of the mass.
 
-    The mass is (n, kv_heads, group, 1) float32, NaN for a row with a NaN weight. All three are
-    copies: a view would keep the sorted rows alive until `finish`.
+    Both are copies: a view would keep the sorted rows alive until `finish`.
 
     (`finish` turns them into logits and counts for all layers at once: `LayerPartial.counted_by_sort`.)
 
@@ -433,10 +438,9 @@ def _sorted_counts(
     """
     ordered = weights.sort(dim=-1, descending=True).values
     cumulative = ordered.cumsum(-1, dtype=torch.float64)
-    total = cumulative[..., -1:]
     # the keys before the first running sum that reaches the target
-    before = torch.searchsorted(cumulative, total * goal)
-    return ordered[..., :k].clone(), before, total.float()
+    before = torch.searchsorted(cumulative, cumulative[..., -1:] * goal)
+    return ordered[..., :k].clone(), before
 
 
 # Keys per block of the split p.V product on a device (see `_weighted_values`).
@@ -618,7 +622,9 @@ def finish_stacked(
     eviction = torch.linalg.vector_norm(output - kept, dim=-1, keepdim=True)
     eviction = eviction / torch.linalg.vector_norm(output, dim=-1, keepdim=True)
     visible = torch.stack([p.visible for p in partials])
+    # `_device_pass` rows keep a total of 1 and a maximum of 0: a NaN shows in their entropy.
     bad = (visible == 0).reshape(layers, n, 1, 1, 1).logical_or(~torch.isfinite(lse))
+    bad.logical_or_(~torch.isfinite(entropy))
     # In core_stat_names order: entropy, sink, recent, top-k masses, keys_for_90pct, eviction.
     parts = [entropy, sink_mass, kept_mass - sink_mass, top_masses, keys_needed, eviction]
     stacked = torch.cat(parts, dim=-1).masked_fill_(bad, math.nan)

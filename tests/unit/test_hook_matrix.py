@@ -192,6 +192,8 @@ def check(message: HeadStatsMessage, calls: list[Call], b: int, slots_mask: np.n
             assert c == 1 or cum[h, c - 2] < 0.9 + 1e-5
 
 
+# On the numpy (CPU) and the torch (GPU: `_device_pass`, buffers shared across layers) paths.
+@pytest.mark.usefixtures("stats_path")
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("lengths", [(40,), (40, 31)], ids=["single", "left_padded"])
 def test_prefill_and_decode_rows_match_eager_probabilities(
