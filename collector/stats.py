@@ -176,7 +176,7 @@ def _bmm_float32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
 def _gather(t: torch.Tensor, batch_index: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Return (n, kv_heads, stop - start, d): a view when the cache holds one batch entry."""
     if t.shape[0] == 1:
-        return t[:, :, start:stop]
+        return t if start == 0 and stop == t.shape[2] else t[:, :, start:stop]
     return t[batch_index, :, start:stop]
 
 
