@@ -9,7 +9,15 @@ only. On the CPU the selections, sorts and `finish` run in numpy (`collector.top
 arrays of a few thousand values its per-operation cost is a fraction of torch's. Both paths are
 tested against the same float64 reference.
 
-Cost and memory (K visible keys, n rows, h query heads, C = `chunk_keys`, up to 1.125 C per chunk):
+On a device, a layer whose keys fit one chunk (up to 72K keys by default) and that has no learned
+sink logits takes `_device_pass`: a serving process launches the kernels one by one from Python,
+so their number is the cost. It is about 17 kernels and no host sync: q.k with 16-bit keys
+multiplied as they are into float32, one fused log-softmax, p.V split over blocks of keys, and
+one sort of the probabilities for the top-k and `keys_for_90pct`. Everything else (more chunks,
+learned sinks, the CPU) takes the general path below.
+
+Cost and memory of the general path (K visible keys, n rows, h query heads, C = `chunk_keys`, up
+to 1.125 C per chunk):
 - pass 1 reads every key once: one q.k matmul per KV group (no `repeat_kv` copies), one exp
   reused for the log-sum-exp, the entropy and p.V, one unsorted top-k of the largest k (the
   smaller k are prefix sums of it); extra memory O(n x h x C). The values are read for p.V
@@ -329,7 +337,9 @@ def _device_pass(rows: RowInputs, logits_of: _Logits, spec: StatsSpec) -> LayerP
     1e-7; a row whose logits are not finite has a NaN entropy, and `finish` flags it). One sort
     of the probabilities gives the top-k and `keys_for_90pct` (`_sorted_counts`). Buffers
     padded to whole blocks of keys, constants and index views are shared by the layers of a
-    pass (`RowInputs.scratch`).
+    pass (`RowInputs.scratch`). Extra memory, as on the general path with one chunk: a few
+    (n, h, keys) tensors (log-probabilities, probabilities, their sort and float64 running sum)
+    and the float32 copy of the values, (kv_heads, keys, d), the only one the size of the cache.
     """
     n, kv_heads, group, _ = rows.query.shape
     keys = rows.key.shape[2]
