@@ -31,6 +31,7 @@ def expected_middle(call: Call, b: int, slots_mask: np.ndarray) -> tuple[np.ndar
     return np.where(keep | (positions < 0), 0.0, p), positions
 
 
+@pytest.mark.usefixtures("stats_path")
 @pytest.mark.parametrize("name", ["llama", "mistral", "gemma2"])
 def test_positions_are_the_largest_middle_keys_of_the_eager_probabilities(name: str) -> None:
     """Prefill and decode rows, left padding; mistral and gemma2 add sliding windows, gemma2 soft-capping."""
@@ -112,6 +113,7 @@ def test_positions_of_the_wrong_shape_or_in_the_future_are_schema_errors() -> No
         assert caught.value.reason == reason
 
 
+@pytest.mark.usefixtures("stats_path")
 @pytest.mark.parametrize("chunk_keys", [300, 65536], ids=["chunks", "one"])
 def test_largest_middle_keys_merge_across_chunks(chunk_keys: int) -> None:
     """Key indices from layer_pass equal a direct ranking of the middle keys' logits."""
