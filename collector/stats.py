@@ -328,7 +328,7 @@ def layer_pass(
 
 
 def _device_pass(rows: RowInputs, logits_of: _Logits, spec: StatsSpec) -> LayerPartial:
-    """`layer_pass` of one chunk on a device, without learned sinks: about 15 kernels, no host sync.
+    """`layer_pass` of one chunk on a device, without learned sinks: about 17 kernels, no host sync.
 
     A serving process launches these kernels one by one from Python, so their number sets the
     cost (on an H100 the launch, not the arithmetic, is most of a layer's time up to 16K keys).
@@ -358,7 +358,7 @@ def _device_pass(rows: RowInputs, logits_of: _Logits, spec: StatsSpec) -> LayerP
         )
     index, zero, one = shared
     keep_logits = _masked_keep(rows, log_p.gather(-1, index))
-    padded = _padded(scratch, log_p.device, (n, kv_heads, group), keys, None)
+    padded = _padded(scratch, "probabilities", log_p.device, (n, kv_heads, group), keys, None)
     weights = torch.exp(log_p, out=padded[..., :keys])
     entropy_sum = torch.linalg.vecdot(weights, log_p)[..., None]
     values = rows.value
@@ -366,7 +366,7 @@ def _device_pass(rows: RowInputs, logits_of: _Logits, spec: StatsSpec) -> LayerP
         out = rows.output
     else:
         value = _gather(rows.value, rows.batch_index, 0, keys)
-        upcast = _padded(scratch, log_p.device, value.shape[:2], keys, value.shape[-1])
+        upcast = _padded(scratch, "values", log_p.device, value.shape[:2], keys, value.shape[-1])
         values = upcast[..., :keys, :].copy_(value)
         out = _split_product(padded, upcast)
         if rows.value.shape[0] > 1:
@@ -411,6 +411,7 @@ def _middle_index(middle: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Ten
 
 def _padded(
     scratch: dict[tuple[object, ...], Any],
+    name: str,
     device: torch.device,
     lead: tuple[int, ...] | torch.Size,
     keys: int,
@@ -418,12 +419,12 @@ def _padded(
 ) -> torch.Tensor:
     """Return a float32 buffer (*lead, keys rounded up to whole `_SPLIT_KEYS` blocks[, width]).
 
-    Zero past `keys`; what is before is the caller's to fill. Kept in `scratch` under its
-    shape, so that the layers of a pass allocate and zero it once.
+    Zero past `keys`; what is before is the caller's to fill. Kept in `scratch` under its name
+    and shape, so that the layers of a pass allocate and zero it once.
     """
     padded = -(-keys // _SPLIT_KEYS) * _SPLIT_KEYS
     shape = (*lead, padded) if width is None else (*lead, padded, width)
-    key = (keys, device, *shape)
+    key = (name, keys, device, *shape)
     buffer = scratch.get(key)
     if buffer is None:
         buffer = torch.empty(shape, dtype=torch.float32, device=device)
@@ -435,16 +436,14 @@ def _padded(
 def _sorted_counts(weights: torch.Tensor, k: int, goal: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the k largest weights and how many keys come before the one reaching `goal` of the mass.
 
-    Both are copies: a view would keep the sorted rows alive until `finish`.
-
-    (`finish` turns them into logits and counts for all layers at once: `LayerPartial.counted_by_sort`.)
-
-    weights: (n, kv_heads, group, keys) exp(logit - row maximum), one chunk, on a device. A
-    device sorts a few rows of 64K keys in a fraction of a millisecond with no host sync, where
-    the histogram passes of `keys_for_target` take tens of small operations and several syncs.
-    The running sum is float64 and the target is taken from its own last entry (< 1 of it), so
-    exact ties (e.g. 900 of 1000 equal keys) count exactly and the count never passes the last
-    key. NaN sorts first: such rows come out as NaN.
+    weights: (n, kv_heads, group, keys) probabilities of one chunk, on a device. A device sorts a
+    few rows of 64K keys in a fraction of a millisecond with no host sync, where the histogram
+    passes of `keys_for_target` take tens of small operations and several syncs. The running sum
+    is float64 and the target is taken from its own last entry (times `goal` < 1), so exact ties
+    (e.g. 900 of 1000 equal keys) count exactly and the count never passes the last key. NaN
+    sorts first; such rows are flagged. Both results are copies (a view would keep the sorted
+    rows alive until `finish`, which turns them into logits and counts for all layers at once:
+    `LayerPartial.counted_by_sort`).
     """
     ordered = weights.sort(dim=-1, descending=True).values
     cumulative = ordered.cumsum(-1, dtype=torch.float64)
@@ -475,7 +474,7 @@ def _weighted_values(
         values = values.float()
         return torch.matmul(weights, values), values
     padded = -(-keys // _SPLIT_KEYS) * _SPLIT_KEYS
-    upcast = _padded({}, values.device, values.shape[:-2], keys, values.shape[-1])
+    upcast = _padded({}, "values", values.device, values.shape[:-2], keys, values.shape[-1])
     upcast[..., :keys, :].copy_(values)
     out = _split_product(functional.pad(weights, (0, padded - keys)), upcast)
     return out, upcast[..., :keys, :]
