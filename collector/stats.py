@@ -166,7 +166,10 @@ def _mixed_logits(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     n, kv_heads, group, d = query.shape
     keys = key.shape[2]
     if key.shape[0] == 1:  # every row reads the one batch entry: rows join the group
-        right = query.permute(1, 3, 0, 2).reshape(kv_heads, d, n * group)
+        if n == 1:  # a transposed view: no copy
+            right = query[0].transpose(1, 2)
+        else:
+            right = query.permute(1, 3, 0, 2).reshape(kv_heads, d, n * group)
         product = _bmm_float32(key[0], right)  # (kv_heads, keys, n * group)
         return product.view(kv_heads, keys, n, group).permute(2, 0, 3, 1)
     right = query.reshape(n * kv_heads, group, d).transpose(1, 2)

@@ -177,19 +177,26 @@ def to_16bit(rows: RowInputs, dtype: torch.dtype) -> RowInputs:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("keys", "rows"), [(5000, 1), (5000, 2), (20_000, 2)])
+@pytest.mark.parametrize(
+    ("keys", "rows", "entries"),
+    [(5000, 1, 1), (5000, 2, 1), (5000, 2, 3), (20_000, 2, 3)],
+    ids=["one-row", "two-rows-one-entry", "two-rows-two-entries", "long"],
+)
 def test_16bit_rows_equal_the_direct_computation_from_their_values(
-    dtype: torch.dtype, keys: int, rows: int
+    dtype: torch.dtype, keys: int, rows: int, entries: int
 ) -> None:
     """16-bit queries, keys and values: statistics of the float32 products of those values.
 
-    The device path multiplies the 16-bit keys as they are (`_mixed_logits`; one batch entry
-    with two rows, or two batch entries) and upcasts the values once.
+    The device path multiplies the 16-bit keys as they are (`_mixed_logits`: one row, rows
+    of one batch entry, rows of several) and upcasts the values once.
     """
     inputs = make_rows(keys, MIXED, rows=rows)
-    if rows == 1:  # one batch entry in the cache
+    if entries == 1:  # one batch entry in the cache, every row reads it
         inputs = dataclasses.replace(
-            inputs, key=inputs.key[2:], value=inputs.value[2:], batch_index=torch.tensor([0])
+            inputs,
+            key=inputs.key[2:],
+            value=inputs.value[2:],
+            batch_index=torch.zeros(rows, dtype=torch.long),
         )
     inputs = to_16bit(inputs, dtype)
     got = row_statistics(inputs, 0.25, StatsSpec())
