@@ -166,10 +166,8 @@ def _mixed_logits(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     n, kv_heads, group, d = query.shape
     keys = key.shape[2]
     if key.shape[0] == 1:  # every row reads the one batch entry: rows join the group
-        if n == 1:  # a transposed view: no copy
-            right = query[0].transpose(1, 2)
-        else:
-            right = query.permute(1, 3, 0, 2).reshape(kv_heads, d, n * group)
+        # (a view for one row: the dimension of size 1 drops out)
+        right = query.permute(1, 3, 0, 2).reshape(kv_heads, d, n * group)
         product = _bmm_float32(key[0], right)  # (kv_heads, keys, n * group)
         return product.view(kv_heads, keys, n, group).permute(2, 0, 3, 1)
     right = query.reshape(n * kv_heads, group, d).transpose(1, 2)
@@ -301,7 +299,7 @@ def layer_pass(
         atom = torch.exp(rows.sinks.float().reshape(1, kv_heads, group, 1) - high)
         total = total + atom
         entropy_sum = entropy_sum + torch.special.xlogy(atom, atom)
-    visible = (rows.bias > -math.inf).sum(-1) if rows.visible is None else rows.visible
+    visible = _visible(rows)
     goal = spec.mass_target * (1 - _MASS_SLACK)
     # Does the top-k hold the mass target? (a host sync, on measured rows only)
     target = total * goal if atom is None else (total - atom).mul_(goal)
@@ -376,12 +374,17 @@ def _device_pass(rows: RowInputs, logits_of: _Logits, spec: StatsSpec) -> LayerP
             values = rows.value  # the copy holds the rows' entries, not the batch's
     goal = spec.mass_target * (1 - _MASS_SLACK)
     top, keys_needed = _sorted_counts(weights, min(max(spec.top_k), keys), goal)
-    visible = (rows.bias > -math.inf).sum(-1) if rows.visible is None else rows.visible
+    visible = _visible(rows)
     return LayerPartial(
         zero, one, entropy_sum, None, out, top, keep_logits, _keep_values(rows, values),
         rows.keep_is_sink, visible, None, keys_needed, rows.output is not None,
         counted_by_sort=True, middle_index=_middle_index(middle),
     )  # fmt: skip
+
+
+def _visible(rows: RowInputs) -> torch.Tensor:
+    """(n,) visible keys of each row: given by the caller, or the finite entries of the bias."""
+    return (rows.bias > -math.inf).sum(-1) if rows.visible is None else rows.visible
 
 
 def _masked_keep(rows: RowInputs, keep: torch.Tensor) -> torch.Tensor:
