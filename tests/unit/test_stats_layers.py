@@ -12,12 +12,12 @@ import torch
 from collector.stats import (
     RowInputs,
     StatsSpec,
-    _weighted_values,
     chunk_bounds,
     finish,
     layer_pass,
     row_statistics,
 )
+from collector.stats.products import weighted_values
 
 # Each test runs on the numpy (CPU) and the torch (GPU) path: see the stats_path fixture.
 pytestmark = pytest.mark.usefixtures("stats_path")
@@ -163,7 +163,7 @@ def test_weighted_values_split_over_key_blocks_equal_one_product(keys: int) -> N
     generator = torch.Generator().manual_seed(keys)
     weights = torch.rand(2, 2, 4, keys, generator=generator)
     values = torch.randn(2, 2, keys, 16, generator=generator)
-    got, upcast = _weighted_values(weights, values.bfloat16())
+    got, upcast = weighted_values(weights, values.bfloat16())
     want = torch.matmul(weights.double(), values.bfloat16().double())
     torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-5)
     assert upcast.dtype == torch.float32 and bool((upcast == values.bfloat16().float()).all())
