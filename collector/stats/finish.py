@@ -98,9 +98,10 @@ def finish_stacked(
     sink_mass, recent_mass, eviction = _keep_set(partials, keep_logits, keep, output, atom_logit)
     visible = torch.stack([p.visible for p in partials])
     bad = (visible == 0).reshape(layers, n, 1, 1, 1).logical_or(~torch.isfinite(lse))
-    # `device_pass` rows (in a pass with other rows) have a maximum of 0 and a total of 1: a NaN
-    # shows in their entropy.
-    bad.logical_or_(~torch.isfinite(entropy))
+    if any(p.counted_by_sort for p in partials):
+        # `device_pass` rows (in a pass with other rows) have a maximum of 0 and a total of 1: a
+        # NaN shows in their entropy.
+        bad.logical_or_(~torch.isfinite(entropy))
     parts = [entropy, sink_mass, recent_mass, top_masses, keys_needed, eviction]
     return _stat_table(parts, bad, kv_heads * group), visible
 
