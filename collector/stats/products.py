@@ -82,10 +82,21 @@ def _mixed_logits(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return product.view(n, kv_heads, keys, group).transpose(-1, -2)
 
 
+# Device types whose torch has no float32-output product of 16-bit matrices (the CPU; backends
+# such as MPS may lack it too): found on first use, then they take float32 copies.
+_NO_FLOAT32_OUTPUT: set[str] = set()
+
+
 def _bmm_float32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Batched product of 16-bit matrices in float32; on the CPU (tests) through float32 copies."""
-    if left.is_cuda:
-        return torch.bmm(left, right, out_dtype=torch.float32)
+    """Batched product of 16-bit matrices in float32: one kernel where the backend has it, else float32 copies."""
+    kind = left.device.type
+    if kind not in _NO_FLOAT32_OUTPUT:
+        try:
+            return torch.bmm(left, right, out_dtype=torch.float32)
+        except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError from torch 2.5 on)
+            raise
+        except RuntimeError:  # NotImplementedError included: no kernel for this backend
+            _NO_FLOAT32_OUTPUT.add(kind)
     return torch.bmm(left.float(), right.float())
 
 

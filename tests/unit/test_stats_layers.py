@@ -15,6 +15,7 @@ from collector.stats import (
     chunk_bounds,
     finish,
     layer_pass,
+    products,
     row_statistics,
 )
 from collector.stats.products import weighted_values
@@ -217,3 +218,14 @@ def test_heads_needing_more_than_the_top_k_but_fewer_than_1024_keys_are_exact() 
     counts = want["keys_for_90pct"]
     assert bool(((counts > 256) & (counts <= 1024)).sum() >= 4)
     assert_matches(row_statistics(rows, 0.25, StatsSpec()), want)
+
+
+def test_a_backend_without_float32_output_products_takes_float32_copies() -> None:
+    """The CPU has no `torch.bmm(..., out_dtype=float32)` for 16-bit inputs: found once, then copies."""
+    left = torch.randn(2, 5, 8).bfloat16()
+    right = torch.randn(2, 8, 3).bfloat16()
+    products._NO_FLOAT32_OUTPUT.discard("cpu")
+    got = products._bmm_float32(left, right)
+    assert got.dtype == torch.float32
+    assert "cpu" in products._NO_FLOAT32_OUTPUT
+    torch.testing.assert_close(got, torch.bmm(left.float(), right.float()))
