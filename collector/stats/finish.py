@@ -83,14 +83,12 @@ def finish_stacked(
                 for i, p in enumerate(partials)
             ]
         )
-        if all(p.solved is None for p in partials):
-            keys_needed = refined.float()
-        else:
-            solved = [
-                torch.zeros_like(p.total, dtype=torch.bool) if p.solved is None else p.solved
-                for p in partials
-            ]
-            keys_needed = torch.where(torch.stack(solved), keys_needed, refined)
+        # (a pass of `device_pass` layers only, which have no `solved`, takes `_finish_sorted`)
+        solved = [
+            torch.zeros_like(p.total, dtype=torch.bool) if p.solved is None else p.solved
+            for p in partials
+        ]
+        keys_needed = torch.where(torch.stack(solved), keys_needed, refined)
     keep_logits = pad_stack([p.keep_logits for p in partials], -math.inf)
     keep = torch.exp((keep_logits - high).sub_(log_total))
     # The learned sink atom is never evicted: it joins the kept keys' weight.
@@ -201,6 +199,8 @@ def _finish_host(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`finish_stacked` in numpy, step for step, for partials in CPU memory.
 
+    Those come from the general path of `layer_pass` (`device_pass` runs off the CPU only).
+
     These arrays hold a few hundred values; numpy's per-operation cost is a fraction of torch's,
     which made this the largest fixed cost of a measured pass on the CPU (0.65 ms of 4 layers).
     """
@@ -219,7 +219,7 @@ def _finish_host(
         output = host_view(
             torch.stack([p.out if p.out_is_output else p.out / p.total for p in partials])
         )
-        top = host_view(_top_logits(partials))
+        top = host_view(pad_stack([p.top for p in partials], -math.inf))
         cum_top = np.exp(-np.sort(-top, axis=-1) - lse).cumsum(-1)
         top_masses = cum_top[..., [min(k, top.shape[-1]) - 1 for k in spec.top_k]]
         atoms = None
@@ -238,20 +238,11 @@ def _finish_host(
         if any(p.keys_needed is not None for p in partials):
             refined = np.stack(
                 [
-                    keys_needed[i]
-                    if p.keys_needed is None
-                    else host_view(_counted(p.keys_needed, p.counted_by_sort))
+                    keys_needed[i] if p.keys_needed is None else host_view(p.keys_needed)
                     for i, p in enumerate(partials)
                 ]
             )
-            if all(p.solved is None for p in partials):
-                keys_needed = refined.astype(np.float32)
-            else:
-                solved = [
-                    np.zeros(p.total.shape, bool) if p.solved is None else host_view(p.solved)
-                    for p in partials
-                ]
-                keys_needed = np.where(np.stack(solved), keys_needed, refined)
+            keys_needed = np.where(stacked("solved"), keys_needed, refined)
         keep_logits = host_view(pad_stack([p.keep_logits for p in partials], -math.inf))
         keep = np.exp(keep_logits - high - log_total)
         first = partials[0].keep_is_sink
