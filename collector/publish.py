@@ -14,6 +14,7 @@ and bounds every blocking call. MemorySink and FileSink live in collector.sinks.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections import deque
@@ -29,6 +30,18 @@ __all__ = ["FileSink", "KafkaSink", "MemorySink", "Sink", "read_jsonl"]
 logger = logging.getLogger(__name__)
 
 _PRODUCER_COPIES = 3
+
+
+def _accepts_connections(servers: list[str], timeout_seconds: float) -> bool:
+    """Whether any "host:port" (IPv6 as "[::1]:9092") accepts a TCP connection, closed at once."""
+    for server in servers:
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout_seconds):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 class KafkaSink:
@@ -47,6 +60,7 @@ class KafkaSink:
         self._cond = threading.Condition()
         self._closing = False
         self._producer: Any = None
+        self._failed_attempts = 0  # connection attempts since the last success (logged once)
         self._thread = threading.Thread(target=self._run, name="headwatch-publisher", daemon=True)
         self._thread.start()
 
@@ -90,25 +104,65 @@ class KafkaSink:
         from kafka import KafkaProducer
 
         s = self.settings
-        try:
-            self._producer = KafkaProducer(
-                bootstrap_servers=s.bootstrap_servers.split(","),
-                acks=int(s.acks) if s.acks != "all" else "all",
-                compression_type=None if s.compression_type == "none" else s.compression_type,
-                max_block_ms=int(s.request_timeout_seconds * 1000),
-                request_timeout_ms=int(s.request_timeout_seconds * 1000),
-                delivery_timeout_ms=int(s.request_timeout_seconds * 3000),
-                reconnect_backoff_ms=int(s.reconnect_backoff_seconds * 1000),
-                reconnect_backoff_max_ms=int(s.reconnect_backoff_seconds * 5000),
-                max_request_size=MAX_MESSAGE_BYTES + 4096,
-                linger_ms=20,
-                retries=3,
-            )
-        except Exception as exc:
-            logger.warning("kafka producer to %s unavailable: %s", s.bootstrap_servers, exc)
+        timeout_ms = int(s.request_timeout_seconds * 1000)
+        options: dict[str, Any] = {
+            "bootstrap_servers": s.bootstrap_servers.split(","),
+            "acks": int(s.acks) if s.acks != "all" else "all",
+            "compression_type": None if s.compression_type == "none" else s.compression_type,
+            "max_block_ms": timeout_ms,
+            "request_timeout_ms": timeout_ms,
+            "delivery_timeout_ms": 3 * timeout_ms,
+            "reconnect_backoff_ms": int(s.reconnect_backoff_seconds * 1000),
+            "reconnect_backoff_max_ms": int(s.reconnect_backoff_seconds * 5000),
+            "max_request_size": MAX_MESSAGE_BYTES + 4096,
+            "linger_ms": 20,
+            "retries": 3,
+        }
+        defaults = KafkaProducer.DEFAULT_CONFIG
+        if "bootstrap_timeout_ms" in defaults:  # kafka-python 3: else 30 s per attempt
+            options["bootstrap_timeout_ms"] = timeout_ms
+        # A producer that finds no broker raises without closing what it opened: the sockets of
+        # its connection attempts (one per reconnect backoff) stay open until the garbage
+        # collector finds them. Through a long outage that is thousands of descriptors in the
+        # serving process, so no producer is made while no bootstrap server accepts a connection,
+        # and the clients of one that still fails are closed.
+        if not _accepts_connections(options["bootstrap_servers"], s.request_timeout_seconds):
+            self._unavailable("no bootstrap server accepts a connection")
             return False
-        logger.info("kafka producer connected to %s topic=%s", s.bootstrap_servers, s.topic)
+        made: list[Any] = []
+        if "kafka_client" in defaults:
+            make = defaults["kafka_client"]
+
+            def client(**configs: Any) -> Any:
+                made.append(make(**configs))
+                return made[-1]
+
+            options["kafka_client"] = client
+        try:
+            self._producer = KafkaProducer(**options)
+        except Exception as exc:
+            for failed in made:
+                try:
+                    failed.close()
+                except Exception:  # closing what never connected: nothing more to free
+                    logger.debug("closing a failed kafka client", exc_info=True)
+            self._unavailable(str(exc))
+            return False
+        logger.info(
+            "kafka producer connected to %s topic=%s after %d failed attempts",
+            s.bootstrap_servers, s.topic, self._failed_attempts,
+        )  # fmt: skip
+        self._failed_attempts = 0
         return True
+
+    def _unavailable(self, why: str) -> None:
+        """Log the first failed attempt of an outage as a warning, the rest (one per backoff) at debug."""
+        self._failed_attempts += 1
+        level = logging.WARNING if self._failed_attempts == 1 else logging.DEBUG
+        logger.log(
+            level, "kafka brokers %s unavailable (%s); retrying every %g s; messages queue, then drop (counted)",
+            self.settings.bootstrap_servers, why, self.settings.reconnect_backoff_seconds,
+        )  # fmt: skip
 
     def _run(self) -> None:
         while True:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -88,3 +91,75 @@ def test_close_is_bounded_and_counts_what_is_left(unreachable: KafkaSettings) ->
     sink.publish(message())
     dropped = metrics.value("headwatch_collector_dropped_total", model_name="m", reason="closed")
     assert dropped == 6
+
+
+def open_sockets() -> int:
+    """Sockets (and socket pairs) this process holds open."""
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except OSError:  # closed while listing (the listing's own descriptor)
+            continue
+    return count
+
+
+def sockets_around_failed_attempts(settings: KafkaSettings, attempts: int = 3) -> tuple[int, int]:
+    """Open sockets before and after `attempts` failed connection attempts of a Kafka sink.
+
+    The garbage collector is off meanwhile: what kafka-python leaves open sits in reference
+    cycles, which only it would close.
+    """
+    sink = KafkaSink(settings, CollectorMetrics())  # nothing queued: its thread does not connect
+    gc.collect()
+    gc.disable()
+    try:
+        before = open_sockets()
+        for _ in range(attempts):
+            assert not sink._connect()
+        return before, open_sockets()
+    finally:
+        gc.enable()
+        sink.close()
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+
+
+@needs_proc
+def test_failed_connection_attempts_leave_no_socket_open(unreachable: KafkaSettings) -> None:
+    # kafka-python's producer opens connections while it looks for a broker, and raises without
+    # closing them: a broker away for hours would cost sockets on every reconnect attempt.
+    settings = unreachable.model_copy(update={"request_timeout_seconds": 0.3})
+    before, after = sockets_around_failed_attempts(settings)
+    assert after <= before, (before, after)
+
+
+@needs_proc
+def test_a_port_that_is_not_kafka_leaves_no_socket_open(unreachable: KafkaSettings) -> None:
+    # Something accepts the connection but never answers as a broker: the producer is made and
+    # fails to bootstrap.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        port = listener.getsockname()[1]
+        settings = unreachable.model_copy(
+            update={"bootstrap_servers": f"127.0.0.1:{port}", "request_timeout_seconds": 0.3}
+        )
+        before, after = sockets_around_failed_attempts(settings)
+    assert after <= before, (before, after)
+
+
+def test_an_outage_is_logged_once_as_a_warning(
+    unreachable: KafkaSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = KafkaSink(unreachable, CollectorMetrics())
+    try:
+        with caplog.at_level(logging.DEBUG, logger="collector.publish"):
+            for _ in range(3):
+                assert not sink._connect()
+    finally:
+        sink.close()
+    records = [r for r in caplog.records if r.name == "collector.publish"]
+    assert [r.levelno for r in records] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    assert "unavailable" in records[0].getMessage()
