@@ -251,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.shutdown()
+            server.server_close()  # shutdown only stops serving: this frees the port
         if publisher is not None:
             publisher.close(timeout_seconds=1.0)  # after close_and_check: already closed, a no-op
     return 0

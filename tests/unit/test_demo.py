@@ -37,6 +37,7 @@ def test_demo_folds_messages_and_serves_the_exporters_metrics(model_dir: Path) -
             body = r.read().decode()
     finally:
         server.shutdown()
+        server.server_close()
     assert (
         f'headwatch_kv_head_safe_to_compress{{kv_head="0",layer="0",model_name="{name}"}}' in body
     )

@@ -93,6 +93,7 @@ def fixture_exporter_url() -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_port}/metrics"
     finally:
         server.shutdown()
+        server.server_close()
         thread.join(5)
 
 
