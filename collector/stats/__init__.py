@@ -17,9 +17,10 @@ The package, in reading order:
 - `layer`: `layer_pass`, the general path (below);
 - `device`: `device_pass`, taken on a device by a layer whose keys fit one chunk (up to 72K keys
   by default) and that has no learned sink logits. A serving process launches the kernels one by
-  one from Python, so their number is the cost: about 17 kernels and no host sync (q.k with
+  one from Python, so their number is the cost: about 14 kernels and no host sync (q.k with
   16-bit keys multiplied as they are into float32, one fused log-softmax, p.V split over blocks
-  of keys, one sort of the probabilities for the top-k and `keys_for_90pct`);
+  of keys); the top-k and `keys_for_90pct` come from a sort of the probabilities of several
+  layers at once (`SortBatch`, up to `StatsSpec.sort_batch_bytes` of them);
 - `finish`: everything that needs no key, for all layers of a pass at once.
 
 Cost and memory of the general path (K visible keys, n rows, h query heads, C = `chunk_keys`, up

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from collector.schema import DEFAULT_TOP_K
+
+if TYPE_CHECKING:
+    from collector.stats.device import SortBatch
 
 # Float32 probabilities carry ~1e-7 relative error each: a cumulative mass within this fraction of
 # the target counts as reaching it, so exact ties (e.g. 900 of 1000 equal keys) count exactly.
@@ -39,6 +42,9 @@ class StatsSpec:
     # How many of the largest middle keys (visible, outside the sink+recent keep-set) to report
     # by index; 0 (the default) computes nothing for them.
     middle_keys: int = 0
+    # On a device, the probabilities of up to this many bytes of layers are sorted together
+    # (`collector.stats.device.SortBatch`); a sort holds about six times its input meanwhile.
+    sort_batch_bytes: int = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,9 @@ class LayerPartial:
     # From `sorted_counts`: `top` holds weights relative to `high`, and `keys_needed` the keys
     # before the one that reaches the target (one less than the count).
     counted_by_sort: bool = False
+    # The batch whose sort fills `top` and `keys_needed` (`collector.stats.device.SortBatch`):
+    # they hold nothing until it is flushed, which `finish` does first. None: already filled.
+    sort_batch: SortBatch | None = None
     # (n, kv_heads, group, spec.middle_keys) key indices of the largest middle keys, largest
     # first, -1 past the last visible one; None unless spec.middle_keys > 0.
     middle_index: torch.Tensor | None = None

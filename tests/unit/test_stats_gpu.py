@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from collector.stats import RowInputs, StatsSpec, row_statistics
+from collector.stats import RowInputs, StatsSpec, finish, layer_pass, row_statistics
 from tests.unit.test_stats_layers import MIXED, direct, make_rows, to_16bit
 
 pytestmark = pytest.mark.gpu
@@ -66,3 +66,21 @@ def test_cuda_bfloat16_statistics_equal_the_direct_computation(rows: int) -> Non
         torch.testing.assert_close(
             got[name].cpu().double(), value, atol=tolerance, rtol=0, msg=name
         )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_layers_sorted_in_batches_equal_the_cpu_statistics() -> None:
+    """Layers of a pass share sort batches (`SortBatch`): two of two layers, one of one."""
+    shared: dict[tuple[object, ...], object] = {}
+    layers = [make_rows(20_000, MIXED, seed=seed) for seed in range(3)]
+    spec = StatsSpec(sort_batch_bytes=2 * 2 * 8 * 20_480 * 4)  # two layers' probabilities
+    gpu = finish(
+        [layer_pass(dataclasses.replace(to_cuda(r), scratch=shared), 0.25, spec) for r in layers],
+        spec,
+    )
+    for rows, got in zip(layers, gpu, strict=True):
+        for name, value in row_statistics(rows, 0.25, spec).items():
+            tolerance = {"eviction_error": 1e-4, "keys_for_90pct": 1.0}.get(name, 2e-5)
+            torch.testing.assert_close(
+                got[name].cpu().double(), value.double(), atol=tolerance, rtol=0, msg=name
+            )

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from collector.stats import (
     RowInputs,
@@ -229,3 +231,46 @@ def test_a_backend_without_float32_output_products_takes_float32_copies() -> Non
     assert got.dtype == torch.float32
     assert "cpu" in products._NO_FLOAT32_OUTPUT
     torch.testing.assert_close(got, torch.bmm(left.float(), right.float()))
+
+
+def sorts_in(run: Callable[[], object]) -> int:
+    """How many sorts (aten.sort) `run` calls."""
+
+    class Count(TorchDispatchMode):
+        sorts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func.overloadpacket is torch.ops.aten.sort:
+                Count.sorts += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        run()
+    return Count.sorts
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 256], ids=["each-alone", "batches-of-two", "one-batch"])
+def test_layers_sorted_in_batches_equal_the_direct_computation(
+    stats_path: str, capacity: int
+) -> None:
+    """The device path sorts the probabilities of the layers of a pass together (`SortBatch`).
+
+    Five layers of one shape and one of another share a pass; a batch holds `capacity` layers
+    (the rest of a pass's layers start a new one), and `finish` sorts what is left.
+    """
+    shared: dict[tuple[object, ...], object] = {}
+    layers = [
+        dataclasses.replace(make_rows(keys, MIXED, seed=seed), scratch=shared)
+        for seed, keys in enumerate([2600] * 3 + [700] + [2600] * 2)
+    ]
+    layer_bytes = 2 * 8 * 3072 * 4  # rows x heads x keys padded to whole blocks x float32
+    spec = StatsSpec(sort_batch_bytes=capacity * layer_bytes)
+
+    def run() -> list[dict[str, torch.Tensor]]:
+        return finish([layer_pass(rows, 0.25, spec) for rows in layers], spec)
+
+    expected_sorts = {"numpy": 0, "torch": {1: 6, 2: 4, 256: 2}[capacity]}[stats_path]
+    assert sorts_in(run) == expected_sorts
+    shared.clear()
+    for rows, got in zip(layers, run(), strict=True):
+        assert_matches(got, direct(rows, 0.25))
