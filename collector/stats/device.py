@@ -51,8 +51,7 @@ def device_pass(rows: RowInputs, logits_of: Logits, spec: StatsSpec) -> LayerPar
         )
     index, zero, one = shared
     keep_logits = mask_keep_logits(rows, log_p.gather(-1, index))
-    # the layer's own buffer: it waits in the sort batch (zeros past `keys` sort last, and add
-    # nothing to a running sum)
+    # the layer's own buffer: its probabilities wait in the sort batch
     padded = padded_buffer({}, "probabilities", log_p.device, (n, kv_heads, group), keys, None)
     weights = torch.exp(log_p, out=padded[..., :keys])
     entropy_sum = torch.linalg.vecdot(weights, log_p)[..., None]
@@ -68,13 +67,13 @@ def device_pass(rows: RowInputs, logits_of: Logits, spec: StatsSpec) -> LayerPar
         out = split_product(padded, upcast)
         if rows.value.shape[0] > 1:
             values = rows.value  # the copy holds the rows' entries, not the batch's
-    batch_name = ("sort batch", keys, *padded.shape, padded.device)
+    batch_name = ("sort batch", *weights.shape, weights.device)
     batch = scratch.get(batch_name)
     if batch is None or batch.full:
         k = min(max(spec.top_k), keys)
         goal = spec.mass_target * (1 - MASS_SLACK)
-        batch = scratch[batch_name] = SortBatch(padded, k, goal, spec.sort_batch_bytes)
-    top, keys_needed = batch.add(padded)
+        batch = scratch[batch_name] = SortBatch(weights, k, goal, spec.sort_batch_bytes)
+    top, keys_needed = batch.add(weights)
     visible = visible_keys(rows)
     return LayerPartial(
         zero, one, entropy_sum, None, out, top, keep_logits, gather_keep_values(rows, values),
@@ -126,7 +125,7 @@ class SortBatch:
         if not self.pending:
             return
         first = self.used - len(self.pending)
-        stacked = self.pending[0][None] if len(self.pending) == 1 else torch.stack(self.pending)
+        stacked = torch.stack(self.pending)  # whole rows without the padding of split products
         self.pending = []
         sorted_counts(
             stacked, self.goal, self.top[first : self.used], self.before[first : self.used]

@@ -73,7 +73,7 @@ def test_cuda_layers_sorted_in_batches_equal_the_cpu_statistics() -> None:
     """Layers of a pass share sort batches (`SortBatch`): two of two layers, one of one."""
     shared: dict[tuple[object, ...], object] = {}
     layers = [make_rows(20_000, MIXED, seed=seed) for seed in range(3)]
-    spec = StatsSpec(sort_batch_bytes=2 * 2 * 8 * 20_480 * 4)  # two layers' probabilities
+    spec = StatsSpec(sort_batch_bytes=2 * 2 * 8 * 20_000 * 4)  # two layers' probabilities
     gpu = finish(
         [layer_pass(dataclasses.replace(to_cuda(r), scratch=shared), 0.25, spec) for r in layers],
         spec,

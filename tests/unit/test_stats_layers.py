@@ -263,7 +263,7 @@ def test_layers_sorted_in_batches_equal_the_direct_computation(
         dataclasses.replace(make_rows(keys, MIXED, seed=seed), scratch=shared)
         for seed, keys in enumerate([2600] * 3 + [700] + [2600] * 2)
     ]
-    layer_bytes = 2 * 8 * 3072 * 4  # rows x heads x keys padded to whole blocks x float32
+    layer_bytes = 2 * 8 * 2600 * 4  # rows x heads x keys x float32
     spec = StatsSpec(sort_batch_bytes=capacity * layer_bytes)
 
     def run() -> list[dict[str, torch.Tensor]]:
