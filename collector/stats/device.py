@@ -90,7 +90,8 @@ class SortBatch:
     host cost of a layer on an H100. Layers add their probabilities and get views of where their
     top-k and count will be; the batch sorts them at once (`sorted_counts`) when it holds
     `budget` bytes, or when `finish` flushes it. Memory: the waiting probabilities, at most
-    `budget` bytes, plus about five times that while they are sorted.
+    `budget` bytes, then about six times that while they are sorted (their copy, the sorted
+    values and their int64 indices, the float64 running sum).
 
     Usage:
         top, before = batch.add(probabilities)  # (n, kv, group, keys) in, views out
