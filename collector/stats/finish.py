@@ -66,7 +66,7 @@ def finish_stacked(
         output = torch.stack([p.out if p.out_is_output else p.out / p.total for p in partials])
     top = _top_logits(partials)
     cum_top = torch.exp(sorted_descending(top) - lse).cumsum(-1)
-    top_masses = cum_top[..., [min(k, top.shape[-1]) - 1 for k in spec.top_k]]
+    top_masses = _top_masses(cum_top, spec.top_k)
     atoms = None
     if any(p.atom is not None for p in partials):
         atoms = torch.stack(
@@ -121,7 +121,7 @@ def _finish_sorted(
     entropy = torch.stack([p.entropy_sum for p in partials]).neg_()
     output = torch.stack([p.out for p in partials])
     cum_top = pad_stack([p.top for p in partials], 0.0).cumsum(-1)
-    top_masses = cum_top[..., [min(k, cum_top.shape[-1]) - 1 for k in spec.top_k]]
+    top_masses = _top_masses(cum_top, spec.top_k)
     counts = [p.keys_needed for p in partials if p.keys_needed is not None]
     keys_needed = torch.stack(counts).to(torch.float32).add_(1.0)
     keep_logits = pad_stack([p.keep_logits for p in partials], -math.inf)
@@ -133,6 +133,16 @@ def _finish_sorted(
     bad = (visible == 0).reshape(layers, n, 1, 1, 1).logical_or(~torch.isfinite(entropy))
     parts = [entropy, sink_mass, recent_mass, top_masses, keys_needed, eviction]
     return _stat_table(parts, bad, kv_heads * group), visible
+
+
+def _top_masses(cum_top: torch.Tensor, top_k: tuple[int, ...]) -> torch.Tensor:
+    """Return (..., len(top_k)) the running sums at k (or at the widest top-k kept, if fewer).
+
+    Selected one by one and stacked: indexing with a list of positions would first copy the list
+    to the device, a host sync on a GPU.
+    """
+    width = cum_top.shape[-1]
+    return torch.stack([cum_top[..., min(k, width) - 1] for k in top_k], -1)
 
 
 def _keep_set(
