@@ -33,15 +33,26 @@ _PRODUCER_COPIES = 3
 
 
 def _accepts_connections(servers: list[str], timeout_seconds: float) -> bool:
-    """Whether any "host:port" (IPv6 as "[::1]:9092") accepts a TCP connection, closed at once."""
+    """Whether any bootstrap server accepts a TCP connection (closed at once)."""
     for server in servers:
-        host, _, port = server.strip().rpartition(":")
         try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout_seconds):
+            with socket.create_connection(host_port(server), timeout_seconds):
                 return True
         except (OSError, ValueError):
             continue
     return False
+
+
+def host_port(server: str) -> tuple[str, int]:
+    """Return (host, port) of a bootstrap server: "host:port", "host" (port 9092), "[::1]:9092"."""
+    server = server.strip()
+    if server.startswith("[") and "]" in server:  # IPv6 in brackets, with or without a port
+        host, _, rest = server[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else 9092
+    host, sep, port = server.rpartition(":")
+    if not sep or ":" in host:  # no port, or a bare IPv6 address
+        return server, 9092
+    return host, int(port)
 
 
 class KafkaSink:
@@ -160,7 +171,9 @@ class KafkaSink:
         self._failed_attempts += 1
         level = logging.WARNING if self._failed_attempts == 1 else logging.DEBUG
         logger.log(
-            level, "kafka brokers %s unavailable (%s); retrying every %g s; messages queue, then drop (counted)",
+            level,
+            "kafka brokers %s unavailable (%s); retrying every %g s; messages queue, "
+            "then drop (counted)",
             self.settings.bootstrap_servers, why, self.settings.reconnect_backoff_seconds,
         )  # fmt: skip
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from collector.metrics import CollectorMetrics
-from collector.publish import FileSink, KafkaSink, MemorySink, read_jsonl
+from collector.publish import FileSink, KafkaSink, MemorySink, host_port, read_jsonl
 from collector.settings import KafkaSettings
 from tests.unit.test_schema import message
 
@@ -163,3 +163,19 @@ def test_an_outage_is_logged_once_as_a_warning(
     records = [r for r in caplog.records if r.name == "collector.publish"]
     assert [r.levelno for r in records] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
     assert "unavailable" in records[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("server", "expected"),
+    [
+        ("127.0.0.1:9093", ("127.0.0.1", 9093)),
+        (" broker ", ("broker", 9092)),
+        ("[::1]:9094", ("::1", 9094)),
+        ("[::1]", ("::1", 9092)),
+        ("::1", ("::1", 9092)),
+    ],
+)
+def test_bootstrap_servers_parse_as_kafka_python_reads_them(
+    server: str, expected: tuple[str, int]
+) -> None:
+    assert host_port(server) == expected
