@@ -51,14 +51,14 @@ def device_pass(rows: RowInputs, logits_of: Logits, spec: StatsSpec) -> LayerPar
         )
     index, zero, one = shared
     keep_logits = mask_keep_logits(rows, log_p.gather(-1, index))
-    # the layer's own buffer: its probabilities wait in the sort batch
-    padded = padded_buffer({}, "probabilities", log_p.device, (n, kv_heads, group), keys, None)
-    weights = torch.exp(log_p, out=padded[..., :keys])
-    entropy_sum = torch.linalg.vecdot(weights, log_p)[..., None]
     values = rows.value
-    if rows.output is not None:
+    if rows.output is not None:  # the kernel's output: no p.V
+        weights = torch.exp(log_p)
         out = rows.output
     else:
+        # the layer's own buffer (its probabilities wait in the sort batch), padded for p.V
+        padded = padded_buffer({}, "probabilities", log_p.device, (n, kv_heads, group), keys, None)
+        weights = torch.exp(log_p, out=padded[..., :keys])
         value = gather_keys(rows.value, rows.batch_index, 0, keys)
         upcast = padded_buffer(
             scratch, "values", log_p.device, value.shape[:2], keys, value.shape[-1]
@@ -67,6 +67,7 @@ def device_pass(rows: RowInputs, logits_of: Logits, spec: StatsSpec) -> LayerPar
         out = split_product(padded, upcast)
         if rows.value.shape[0] > 1:
             values = rows.value  # the copy holds the rows' entries, not the batch's
+    entropy_sum = torch.linalg.vecdot(weights, log_p)[..., None]
     batch_name = ("sort batch", *weights.shape, weights.device)
     batch = scratch.get(batch_name)
     if batch is None or batch.full:
@@ -85,9 +86,9 @@ def device_pass(rows: RowInputs, logits_of: Logits, spec: StatsSpec) -> LayerPar
 class SortBatch:
     """The probabilities of several `device_pass` layers of one shape, sorted together.
 
-    A sort on a device costs a few hundred microseconds of host time whatever its size (torch's
-    segmented radix sort: set-up and four passes, each launched from Python): that was the largest
-    host cost of a layer on an H100. Layers add their probabilities and get views of where their
+    A sort on a device costs a few hundred microseconds of host time whatever its size (in the
+    H100 profile: torch's segmented radix sort, its set-up and four passes), the largest host
+    cost of a layer there. Layers add their probabilities and get views of where their
     top-k and count will be; the batch sorts them at once (`sorted_counts`) when it holds
     `budget` bytes, or when `finish` flushes it. Memory: the waiting probabilities, at most
     `budget` bytes, then about six times that while they are sorted (their copy, the sorted
