@@ -12,7 +12,7 @@ import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -83,6 +83,7 @@ def healthy(url: str) -> bool:
 def fixture_serve(model_dir: Path, tmp_path: Path) -> Iterator[Callable[[dict[str, str]], str]]:
     """Start `headwatch run -- transformers serve <dir>` with extra environment; return its URL."""
     started: list[subprocess.Popen[bytes]] = []
+    logs: list[BinaryIO] = []
 
     def start(env: dict[str, str]) -> str:
         port = free_port()
@@ -90,7 +91,8 @@ def fixture_serve(model_dir: Path, tmp_path: Path) -> Iterator[Callable[[dict[st
             str(BIN / "headwatch"), "run", "--", str(BIN / "transformers"), "serve", str(model_dir),
             "--host", "127.0.0.1", "--port", str(port),
         ]  # fmt: skip
-        log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
+        log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 (closed with the fixture)
+        logs.append(log)
         process = subprocess.Popen(
             command,
             env={**os.environ, **env},
@@ -115,6 +117,8 @@ def fixture_serve(model_dir: Path, tmp_path: Path) -> Iterator[Callable[[dict[st
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        for log in logs:
+            log.close()
 
 
 def ask(url: str, model_dir: Path) -> list[int]:
