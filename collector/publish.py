@@ -55,6 +55,26 @@ def host_port(server: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _force_close(producer: Any) -> None:
+    """Stop a producer that could not flush: its network thread, its connections, its batches.
+
+    kafka-python 3 raises from `close()` when what it holds cannot be flushed (a broker away),
+    before it stops its network thread, which then reconnects (a socket per attempt) for the
+    life of the process, and retries the close, noisily, when the producer is collected. Its
+    sender's own forced close fails the unsent batches (their callbacks count the drops); the
+    close that follows then has nothing to flush.
+    """
+    sender = getattr(producer, "_sender", None)
+    if sender is None or not hasattr(sender, "force_close"):
+        return
+    sender.force_close()
+    sender.join(1.0)
+    try:
+        producer.close(timeout=0)
+    except Exception as exc:
+        logger.warning("kafka producer did not close after its network thread stopped: %s", exc)
+
+
 class KafkaSink:
     """Publishes messages to Kafka off the forward thread; drops and counts instead of blocking.
 
@@ -277,5 +297,6 @@ class KafkaSink:
             try:
                 self._producer.close(timeout=max(remaining, 0.5))
             except Exception as exc:
-                logger.warning("kafka producer close failed: %s", exc)
+                logger.warning("kafka producer close failed: %s; closing it without sending", exc)
+                _force_close(self._producer)
             self._producer = None

@@ -180,3 +180,38 @@ def test_broker_absent_killed_and_restarted(own_broker: OwnBroker) -> None:
         consumer.close()
     assert len(decoded) >= at_kill
     assert all(m.num_layers == 32 and m.num_query_heads == 32 for m in decoded)
+
+
+def test_closing_while_the_broker_is_dead_stops_the_producer(own_broker: OwnBroker) -> None:
+    """kafka-python 3's close() raises when it cannot flush and leaves its network thread
+    reconnecting for the life of the process: the sink stops it, and counts what was unsent."""
+    metrics = CollectorMetrics()
+    settings = KafkaSettings(
+        bootstrap_servers=own_broker.bootstrap, topic="headwatch.head-stats.v1",
+        request_timeout_seconds=3.0, reconnect_backoff_seconds=0.2, flush_timeout_seconds=1.0,
+    )  # fmt: skip
+    own_broker.start()
+    before = set(threading.enumerate())
+    sink = KafkaSink(settings, metrics)
+    sink.publish(message(32, 32))
+    wait_until(
+        lambda: metrics.value("headwatch_collector_published_total", model_name="m") == 1,
+        60, message="the first message published",
+    )  # fmt: skip
+    producer_threads = [t for t in set(threading.enumerate()) - before if "kafka" in t.name]
+    assert producer_threads, "expected kafka-python's network thread"
+    own_broker.kill()
+    for _ in range(20):
+        sink.publish(message(32, 32))
+    started = time.perf_counter()
+    sink.close()
+    assert time.perf_counter() - started < settings.flush_timeout_seconds + 4
+    wait_until(
+        lambda: not any(t.is_alive() for t in producer_threads),
+        10, message="kafka-python's network thread stopped",
+    )  # fmt: skip
+    counted = metrics.value("headwatch_collector_published_total", model_name="m") + sum(
+        metrics.value("headwatch_collector_dropped_total", model_name="m", reason=r)
+        for r in ("queue_full", "broker_unavailable", "too_large", "closed")
+    )
+    assert counted == 21
