@@ -65,10 +65,9 @@ def _force_close(producer: Any) -> None:
     close that follows then has nothing to flush.
     """
     sender = getattr(producer, "_sender", None)
-    if sender is None or not hasattr(sender, "force_close"):
-        return
-    sender.force_close()
-    sender.join(1.0)
+    if sender is not None and hasattr(sender, "force_close"):
+        sender.force_close()
+        sender.join(1.0)
     try:
         producer.close(timeout=0)
     except Exception as exc:
@@ -92,6 +91,8 @@ class KafkaSink:
         self._closing = False
         self._producer: Any = None
         self._failed_attempts = 0  # connection attempts since the last success (logged once)
+        self._failing_since: float | None = None  # the first failed send since the last success
+        self._next_probe = 0.0
         self._thread = threading.Thread(target=self._run, name="headwatch-publisher", daemon=True)
         self._thread.start()
 
@@ -204,11 +205,37 @@ class KafkaSink:
                     self._cond.wait()
                 if self._closing:
                     return
+            if self._producer is not None and self._brokers_gone():
+                self._drop_producer()
             if self._producer is None and not self._connect():
                 with self._cond:
                     self._cond.wait(self.settings.reconnect_backoff_seconds)
                 continue
             self._send_one()
+
+    def _brokers_gone(self) -> bool:
+        """Whether sends fail and no bootstrap server accepts a connection (probed once per backoff)."""
+        with self._cond:
+            failing = self._failing_since is not None
+        now = time.monotonic()
+        if not failing or now < self._next_probe:
+            return False
+        self._next_probe = now + self.settings.reconnect_backoff_seconds
+        servers = self.settings.bootstrap_servers.split(",")
+        return not _accepts_connections(servers, self.settings.request_timeout_seconds)
+
+    def _drop_producer(self) -> None:
+        """Close a producer whose brokers are gone; `_connect` makes a new one when one answers.
+
+        Left alone, kafka-python reconnects once per backoff, and each failed attempt holds its
+        socket until the garbage collector runs: through a long outage, thousands of descriptors
+        in the serving process. Its unsent batches fail (counted as drops).
+        """
+        logger.info("kafka brokers %s gone: closing the producer", self.settings.bootstrap_servers)
+        _force_close(self._producer)
+        self._producer = None
+        with self._cond:
+            self._failing_since = None
 
     def _send_one(self) -> None:
         with self._cond:
@@ -258,6 +285,10 @@ class KafkaSink:
     def _settle(self, size: int, name: str, ok: bool, exc: BaseException | None = None) -> None:
         with self._cond:
             self._in_flight_bytes -= size
+            if ok:
+                self._failing_since = None
+            elif self._failing_since is None:
+                self._failing_since = time.monotonic()
             self._cond.notify_all()
         if ok:
             self.metrics.published.labels(model_name=name).inc()

@@ -3,6 +3,7 @@ publish() never blocks, drops are counted, memory stays under the cap, publishin
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -215,3 +216,51 @@ def test_closing_while_the_broker_is_dead_stops_the_producer(own_broker: OwnBrok
         for r in ("queue_full", "broker_unavailable", "too_large", "closed")
     )
     assert counted == 21
+
+
+def open_sockets() -> int:
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except OSError:
+            continue
+    return count
+
+
+def test_a_long_outage_holds_no_growing_number_of_sockets(own_broker: OwnBroker) -> None:
+    """kafka-python reconnects once per backoff, each failed attempt holding its socket until the
+    garbage collector runs (off here): the sink closes the producer once its sends fail and no
+    broker accepts a connection, probes instead, and makes a new producer when one answers."""
+    metrics = CollectorMetrics()
+    settings = KafkaSettings(
+        bootstrap_servers=own_broker.bootstrap, topic="headwatch.head-stats.v1",
+        request_timeout_seconds=1.0, reconnect_backoff_seconds=0.2, flush_timeout_seconds=1.0,
+    )  # fmt: skip
+
+    def published() -> float:
+        return metrics.value("headwatch_collector_published_total", model_name="m")
+
+    own_broker.start()
+    sink = KafkaSink(settings, metrics)
+    try:
+        with Load(sink, interval=0.05):
+            wait_until(lambda: published() > 5, 60, message="publishing before the outage")
+            gc.collect()
+            gc.disable()
+            try:
+                own_broker.kill()
+                time.sleep(6)  # sends fail after 3 request timeouts
+                early = open_sockets()
+                time.sleep(6)
+                late = open_sockets()
+            finally:
+                gc.enable()
+            assert late <= early + 1, (early, late)
+            at_restart = published()
+            own_broker.start()
+            wait_until(
+                lambda: published() > at_restart + 5, 60, message="publishing after the restart"
+            )
+    finally:
+        sink.close()
