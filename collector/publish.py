@@ -8,7 +8,10 @@ Usage:
 The only module that touches Kafka (imported lazily, when the sink first connects). kafka-python
 bounds neither its accumulator nor its wait for a missing broker, so the sink puts a queue bounded
 by count and bytes in front of it, keeps at most `producer_buffer_bytes` unacknowledged inside it,
-and bounds every blocking call. MemorySink and FileSink live in collector.sinks.
+and bounds every blocking call. While no broker accepts a connection (at start, or once sends
+fail) it holds no producer and probes with a plain TCP connection once per backoff: a producer
+would reconnect on its own, each failed attempt holding a socket until the garbage collector
+runs. MemorySink and FileSink live in collector.sinks.
 """
 
 from __future__ import annotations
