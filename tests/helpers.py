@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import urllib.parse
@@ -56,6 +57,17 @@ def wait_until(
                 f"last result: {last!r}"
             )
         time.sleep(interval_seconds)
+
+
+def open_sockets() -> int:
+    """Sockets (and socket pairs) this process holds open (Linux: /proc/self/fd)."""
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except OSError:  # closed while listing (the listing's own descriptor)
+            continue
+    return count
 
 
 def unique_name(prefix: str, hint: str = "") -> str:

@@ -32,7 +32,7 @@ from headwatch.localstack.process import spawn, stop
 from headwatch.localstack.readiness import wait_ready
 from headwatch.localstack.settings import StackSettings
 from headwatch.localstack.tools import require_java
-from tests.helpers import wait_until
+from tests.helpers import open_sockets, wait_until
 from tests.unit.test_schema import message
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -216,16 +216,6 @@ def test_closing_while_the_broker_is_dead_stops_the_producer(own_broker: OwnBrok
         for r in ("queue_full", "broker_unavailable", "too_large", "closed")
     )
     assert counted == 21
-
-
-def open_sockets() -> int:
-    count = 0
-    for fd in Path("/proc/self/fd").iterdir():
-        try:
-            count += os.readlink(fd).startswith("socket:")
-        except OSError:
-            continue
-    return count
 
 
 def test_a_long_outage_holds_no_growing_number_of_sockets(own_broker: OwnBroker) -> None:

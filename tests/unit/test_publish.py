@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import socket
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from collector.metrics import CollectorMetrics
 from collector.publish import FileSink, KafkaSink, MemorySink, host_port, read_jsonl
 from collector.settings import KafkaSettings
+from tests.helpers import open_sockets
 from tests.unit.test_schema import message
 
 
@@ -91,17 +91,6 @@ def test_close_is_bounded_and_counts_what_is_left(unreachable: KafkaSettings) ->
     sink.publish(message())
     dropped = metrics.value("headwatch_collector_dropped_total", model_name="m", reason="closed")
     assert dropped == 6
-
-
-def open_sockets() -> int:
-    """Sockets (and socket pairs) this process holds open."""
-    count = 0
-    for fd in Path("/proc/self/fd").iterdir():
-        try:
-            count += os.readlink(fd).startswith("socket:")
-        except OSError:  # closed while listing (the listing's own descriptor)
-            continue
-    return count
 
 
 def sockets_around_failed_attempts(settings: KafkaSettings, attempts: int = 3) -> tuple[int, int]:
