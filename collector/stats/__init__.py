@@ -36,6 +36,9 @@ to 1.125 C per chunk):
   of the mass and a sort of the crossing bin's keys. The chunk of pass 1 that is still in memory
   is reused; chunks are laid out remainder first so that it is a full one, and only the other
   chunks recompute q.k (keys only);
+- on the CPU, a layer of one chunk leaves its top-k and `keys_for_90pct` to
+  `collector.topk.HostSelection`, which selects those of the one-chunk layers of a pass at once
+  (numpy's per-call cost, not the arithmetic, is most of a selection at a few thousand keys);
 - `finish` does everything that needs no key for all layers of the pass at once (one set of small
   ops per pass instead of per layer);
 - optionally (`StatsSpec.middle_keys`), the indices of the largest middle keys: one more top-k

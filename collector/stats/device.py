@@ -79,7 +79,7 @@ def device_pass(rows: RowInputs, logits_of: Logits, spec: StatsSpec) -> LayerPar
     return LayerPartial(
         zero, one, entropy_sum, None, out, top, keep_logits, gather_keep_values(rows, values),
         rows.keep_is_sink, visible, None, keys_needed, rows.output is not None,
-        counted_by_sort=True, middle_index=middle_indices(middle), sort_batch=batch,
+        counted_by_sort=True, middle_index=middle_indices(middle), batch=batch,
     )  # fmt: skip
 
 

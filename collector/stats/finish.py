@@ -42,9 +42,9 @@ def finish_stacked(
 
     None when the layers differ in rows, heads or head size (then `finish` takes them one by one).
     """
-    for partial in partials:  # fill the top-k and counts of `device_pass` layers
-        if partial.sort_batch is not None:
-            partial.sort_batch.flush()
+    for partial in partials:  # fill the top-k and counts of batched layers
+        if partial.batch is not None:
+            partial.batch.flush()
     if len({(p.out.shape, p.keep_values.shape[-1]) for p in partials}) > 1:
         return None
     if topk.on_host(partials[0].out):

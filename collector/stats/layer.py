@@ -71,7 +71,11 @@ def layer_pass(
     bounds = chunk_bounds(total_keys, spec.chunk_keys)
     if len(bounds) == 1 and rows.sinks is None and not topk.on_host(rows.query):
         return device_pass(rows, logits_of, spec)
-    high = total = entropy_sum = out = top = shifted = weights = rows.query  # set by chunk 0
+    # One chunk on the CPU: the top-k and keys_for_90pct are selected with the pass's other
+    # one-chunk layers (`collector.topk.HostSelection`).
+    host_chunk = len(bounds) == 1 and topk.on_host(rows.query)
+    # set by chunk 0 (chunk_top by `top_values`, except on the one-chunk CPU path)
+    high = total = entropy_sum = out = top = chunk_top = shifted = weights = rows.query
     values = rows.value
     keep_raw = None
     middle: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -82,14 +86,17 @@ def layer_pass(
         if len(bounds) == 1:  # the keep-set's logits, read before they are shifted in place
             index = rows.keep_index.reshape(n, 1, 1, -1).expand(n, kv_heads, group, -1)
             keep_raw = logits.gather(-1, index)
-        chunk_top = top_values(logits, min(kmax, stop - start))
+        if not host_chunk:
+            chunk_top = top_values(logits, min(kmax, stop - start))
         chunk_max = logits.amax(-1, keepdim=True)
         new_high = chunk_max if i == 0 else torch.maximum(high, chunk_max)
-        # In place: the raw logits are not needed again.
-        shifted = logits.sub_(new_high).clamp_(min=EXP_FLOOR)
-        weights = torch.exp(shifted)
+        # In place: the raw logits are not needed again. The top-k reads them unclamped: keys
+        # clamped alike would tie, which slows numpy's partition.
+        shifted = logits.sub_(new_high)
+        clamped = shifted.clamp(min=EXP_FLOOR)
+        weights = torch.exp(clamped)
         chunk_sum = weights.sum(-1, keepdim=True)
-        chunk_entropy = torch.linalg.vecdot(weights, shifted)[..., None]
+        chunk_entropy = torch.linalg.vecdot(weights, clamped)[..., None]
         chunk_out = out  # the kernel's output, when given, stands in for p.V (set after the loop)
         if rows.output is None:
             values = gather_keys(rows.value, rows.batch_index, start, stop)
@@ -114,18 +121,23 @@ def layer_pass(
         entropy_sum = entropy_sum + torch.special.xlogy(atom, atom)
     visible = visible_keys(rows)
     goal = spec.mass_target * (1 - MASS_SLACK)
-    # Does the top-k hold the mass target? (a host sync, on measured rows only)
     target = total * goal if atom is None else (total - atom).mul_(goal)
-    held = torch.exp(top - high).sum(-1, keepdim=True)
-    # Rows with NaN weights are not solved and get a meaningless count: they come out as NaN.
-    solved = held >= target
     keys_needed = None
-    if not bool(solved.all()):
-        # Recomputed chunks are shifted and clamped exactly as above.
-        keys_needed = keys_for_target(
-            lambda start, stop: logits_of(start, stop).sub_(high).clamp_(min=EXP_FLOOR),
-            bounds, target, (shifted, weights), solved, goal,
-        )  # fmt: skip
+    batch = None
+    if host_chunk:
+        batch = host_selection(rows, goal, spec)
+        top, solved, keys_needed = batch.add(shifted, weights, high, target)
+    else:
+        # Does the top-k hold the mass target? (a host sync, on measured rows only)
+        # Rows with NaN weights are not solved and get a meaningless count: they come out as NaN.
+        solved = torch.exp(top - high).sum(-1, keepdim=True) >= target
+        if not bool(solved.all()):
+            # Recomputed chunks are shifted as above and clamped as the weights were (the
+            # histogram puts every key below its band in one bin, clamped or not).
+            keys_needed = keys_for_target(
+                lambda start, stop: logits_of(start, stop).sub_(high).clamp_(min=EXP_FLOOR),
+                bounds, target, (shifted, weights), solved, goal,
+            )  # fmt: skip
     if keep_raw is None:
         keep_logits = recompute_keep_logits(rows, logits_of)
     else:
@@ -137,5 +149,16 @@ def layer_pass(
     return LayerPartial(
         high, total, entropy_sum, atom, out, top, keep_logits, gather_keep_values(rows, values),
         rows.keep_is_sink, visible, solved, keys_needed, rows.output is not None,
-        middle_index=middle_indices(middle),
+        middle_index=middle_indices(middle), batch=batch,
     )  # fmt: skip
+
+
+def host_selection(rows: RowInputs, goal: float, spec: StatsSpec) -> topk.HostSelection:
+    """Return the pass's `HostSelection` (in `rows.scratch`), or one for this layer alone."""
+    scratch = {} if rows.scratch is None else rows.scratch
+    batch = scratch.get(("host selection",))
+    if batch is None:
+        batch = scratch[("host selection",)] = topk.HostSelection(
+            max(spec.top_k), goal, spec.sort_batch_bytes
+        )
+    return batch

@@ -6,11 +6,13 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from collector import topk
 from collector.stats import (
     RowInputs,
     StatsSpec,
@@ -273,4 +275,32 @@ def test_layers_sorted_in_batches_equal_the_direct_computation(
     assert sorts_in(run) == expected_sorts
     shared.clear()
     for rows, got in zip(layers, run(), strict=True):
+        assert_matches(got, direct(rows, 0.25))
+
+
+@pytest.mark.parametrize("budget, calls", [(1, 5), (16 << 20, 2)], ids=["each-alone", "one-batch"])
+def test_cpu_selections_of_a_pass_are_taken_together(
+    stats_path: str, budget: int, calls: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU the top-k and `keys_for_90pct` of the one-chunk layers of a pass are selected
+    together (`HostSelection`): one histogram call per key count, or one per layer once the
+    layers queued pass the budget. The first layer's 200 keys are all in its top-k (no count to
+    take); the others have spread heads that their top-k does not solve."""
+    shared: dict[tuple[object, ...], object] = {}
+    layers = [
+        dataclasses.replace(make_rows(keys, MIXED, seed=seed), scratch=shared)
+        for seed, keys in enumerate([200, 2600, 2600, 700, 2600, 2600])
+    ]
+    spec = StatsSpec(sort_batch_bytes=budget)
+    select = topk._select_host
+    counted_keys: list[int] = []
+
+    def counting(*args: Any) -> Any:
+        counted_keys.append(args[3])
+        return select(*args)
+
+    monkeypatch.setattr(topk, "_select_host", counting)
+    results = finish([layer_pass(rows, 0.25, spec) for rows in layers], spec)
+    assert len(counted_keys) == (calls if stats_path == "numpy" else 0)
+    for rows, got in zip(layers, results, strict=True):
         assert_matches(got, direct(rows, 0.25))

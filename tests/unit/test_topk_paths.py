@@ -56,6 +56,9 @@ def _rows_of(kind: str, keys: int, seed: int) -> torch.Tensor:
         rows = rows.round()
     elif kind == "masked":
         rows[..., : keys * 3 // 4] = -1e30
+    elif kind == "floor":  # fewer than k keys above the minimum (k = 256): a large tie
+        rows[..., : keys - 100] = -87.0
+        rows[0, 1, 2] = -87.0  # and one row with every key equal
     elif kind == "nan":
         rows[0, 0, 1, 7] = math.nan
     elif kind == "nan-last":
@@ -63,14 +66,16 @@ def _rows_of(kind: str, keys: int, seed: int) -> torch.Tensor:
     return rows
 
 
-KINDS = ["uniform", "peaked", "ties", "masked", "nan", "nan-last"]
+KINDS = ["uniform", "peaked", "ties", "masked", "floor", "nan", "nan-last"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("keys", [300, 8192, 20_001, 70_000])
 @pytest.mark.parametrize("k", [1, 16, 256])
 def test_the_folded_top_k_equals_a_full_partition(kind: str, keys: int, k: int) -> None:
-    """On the CPU from 32 k keys on, the top-k comes from a folded bound: same values as numpy's."""
+    """On the CPU from 32 k keys on, the top-k comes from a folded bound; below, or where the
+    bound lets too many keys through, from a partition that takes rows whose k-th largest is
+    their minimum apart. Same values as numpy's partition of the whole row."""
     logits = _rows_of(kind, keys, seed=keys + k)
     got = topk.top_values(logits, k).sort(-1).values
     want = torch.from_numpy(np.partition(logits.numpy(), keys - k, axis=-1)[..., keys - k :])
