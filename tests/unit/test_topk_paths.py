@@ -74,8 +74,8 @@ KINDS = ["uniform", "peaked", "ties", "masked", "floor", "nan", "nan-last"]
 @pytest.mark.parametrize("k", [1, 16, 256])
 def test_the_folded_top_k_equals_a_full_partition(kind: str, keys: int, k: int) -> None:
     """On the CPU from 32 k keys on, the top-k comes from a folded bound; below, or where the
-    bound lets too many keys through, from a partition that takes rows whose k-th largest is
-    their minimum apart. Same values as numpy's partition of the whole row."""
+    bound lets too many keys through, from numpy's partition, or torch's top-k for rows with
+    many keys at their minimum (masked, floor). Same values as numpy's partition of the row."""
     logits = _rows_of(kind, keys, seed=keys + k)
     got = topk.top_values(logits, k).sort(-1).values
     want = torch.from_numpy(np.partition(logits.numpy(), keys - k, axis=-1)[..., keys - k :])
