@@ -3,13 +3,12 @@
 Usage:
     top = top_values(logits, 256)  # (..., 256) the largest logits of each row, unsorted
     needed = keys_for_target(shifted_of, bounds, target, last, solved, 0.9 * (1 - 1e-6))
-    top, solved, needed = HostSelection(256, 0.9 * (1 - 1e-6), 16 << 20).add(...)  # the CPU
 
-No I/O; `collector.stats` calls these from its pass over the keys. On a GPU everything stays in
+No I/O; `collector.stats` calls both from its pass over the keys. On a GPU everything stays in
 torch on the device. On the CPU the selections and sorts go through numpy, whose introselect,
 vectorised sort and bincount cost a fraction of torch's CPU kernels (and per-operation overhead)
-at a few thousand keys per row; `HostSelection` does both selections for the one-chunk layers
-of a pass at once.
+at a few thousand keys per row; `collector.stats.host.HostSelection` calls `top_values_host` and
+`select_host` once for the one-chunk layers of a pass.
 
 `keys_for_90pct` is read from the top-k when the largest k already holds 90% of the mass (peaked
 heads: no extra work, done in `collector.stats`). Otherwise `keys_for_target` builds a 512-bin
@@ -31,7 +30,7 @@ import torch
 _BINS = 512
 _MAX_SORTED = 16384
 _BLOCK = 32
-# On the CPU, rows of at least this many times k keys fold to a bound (`_top_values_host`); in a
+# On the CPU, rows of at least this many times k keys fold to a bound (`top_values_host`); in a
 # serving process (cold caches between layers) its extra numpy calls cost more than they save
 # below it.
 _FOLD_FROM = 32
@@ -50,7 +49,7 @@ def host_view(t: torch.Tensor) -> np.ndarray:
 def top_values(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Return (..., k) the k largest logits of each row, unsorted.
 
-    On the CPU `_top_values_host` bounds the k-th largest from below by folding the row, and
+    On the CPU `top_values_host` bounds the k-th largest from below by folding the row, and
     selects among the few keys above the bound with numpy. On a device, below 64 k keys, torch's
     top-k. From 64 k keys on, torch's top-k switches from std::nth_element to std::partial_sort,
     which is several times slower on unordered data (this matters where a test runs the device
@@ -59,7 +58,7 @@ def top_values(logits: torch.Tensor, k: int) -> torch.Tensor:
     """
     keys = logits.shape[-1]
     if on_host(logits) and keys > k:
-        top = _top_values_host(host_view(logits).reshape(-1, keys), k)
+        top = top_values_host(host_view(logits).reshape(-1, keys), k)
         return torch.from_numpy(np.ascontiguousarray(top)).reshape(*logits.shape[:-1], k)
     if keys < 64 * k:
         return logits.topk(k, dim=-1, sorted=False).values
@@ -74,7 +73,7 @@ def top_values(logits: torch.Tensor, k: int) -> torch.Tensor:
     return table.topk(k, dim=-1, sorted=False).values.reshape(*logits.shape[:-1], k)
 
 
-def _top_values_host(rows: np.ndarray, k: int) -> np.ndarray:
+def top_values_host(rows: np.ndarray, k: int) -> np.ndarray:
     """`top_values` of (rows, keys) in numpy: a lower bound of the k-th largest by folding, then a
     small partition.
 
@@ -209,94 +208,13 @@ def _keys_for_target_host(
         ]
 
     subset_target = host_view(target).reshape(rows)[todo].astype(np.float64)
-    counted = _select_host(shifted_weights, len(bounds), subset_target, bounds[-1][1], goal)
+    counted = select_host(shifted_weights, len(bounds), subset_target, bounds[-1][1], goal)
     result = np.zeros(rows, dtype=np.float32)
     result[todo] = counted
     return torch.from_numpy(result).reshape(solved.shape)
 
 
-class HostSelection:
-    """The top-k and `keys_for_90pct` of the one-chunk layers of a pass on the CPU, selected together.
-
-    On a few thousand keys per row, inside a serving process, the per-call cost of numpy (one
-    partition for the top-k, a few dozen calls for the histogram passes of `_select_host`) is
-    most of a layer's selection time. Layers queue their shifted logits and weights (views of
-    what pass 1 computed) and get tensors that `flush` fills: the layers of one key count share
-    one top-k, one solved test and one `_select_host` call for the rows the top-k does not
-    solve. Memory: the queued layers, at most `budget` bytes, after which the batch selects
-    what it holds.
-
-    Usage:
-        top, solved, keys_needed = batch.add(shifted, weights, high, target)  # filled by flush
-        batch.flush()  # before reading them
-    """
-
-    def __init__(self, k: int, goal: float, budget: int) -> None:
-        self.k = k
-        self.goal = goal
-        self.budget = budget
-        self.held = 0
-        self.pending: list[tuple[torch.Tensor, ...]] = []
-
-    def add(
-        self, shifted: torch.Tensor, weights: torch.Tensor, high: torch.Tensor, target: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queue a layer; return its top-k logits (n, kv_heads, group, k), solved and keys_needed
-        (n, kv_heads, group, 1), all filled by `flush`.
-
-        shifted: (n, kv_heads, group, keys) logits of one chunk minus the row maximum `high`
-        (not clamped: clamped keys would tie); weights: their exp, as pass 1 computed it;
-        target: (n, kv_heads, group, 1) in weight units. Rows the top-k solves get a count of 0
-        (`finish` reads theirs from the top-k).
-        """
-        lead = high.shape[:-1]
-        top = torch.empty((*lead, min(self.k, shifted.shape[-1])))
-        solved = torch.empty(high.shape, dtype=torch.bool)
-        keys_needed = torch.zeros(high.shape)
-        self.pending.append((shifted, weights, high, target, top, solved, keys_needed))
-        self.held += shifted.nbytes + weights.nbytes
-        if self.held >= self.budget:
-            self.flush()
-        return top, solved, keys_needed
-
-    def flush(self) -> None:
-        """Select what is queued into the layers' tensors; nothing to do when nothing is queued."""
-        by_keys: dict[int, list[tuple[torch.Tensor, ...]]] = {}
-        for layer in self.pending:
-            by_keys.setdefault(layer[0].shape[-1], []).append(layer)
-        self.pending, self.held = [], 0
-        for keys, layers in by_keys.items():
-            self._select(keys, layers)
-
-    def _select(self, keys: int, layers: list[tuple[torch.Tensor, ...]]) -> None:
-        def rows_of(i: int) -> np.ndarray:
-            return np.concatenate(
-                [host_view(layer[i]).reshape(-1, layer[i].shape[-1]) for layer in layers]
-            )
-
-        shifted, weights, high, target = rows_of(0), rows_of(1), rows_of(2), rows_of(3)
-        top = _top_values_host(shifted, min(self.k, keys))
-        # Rows with NaN weights are not solved and get a meaningless count: they come out as NaN.
-        solved = np.exp(top).sum(1, keepdims=True) >= target
-        todo = np.flatnonzero(~solved[:, 0])
-        counted = np.zeros(solved.shape[0], dtype=np.float32)
-        if todo.size:
-            every_row = todo.size == solved.shape[0]
-            unsolved = (shifted, weights) if every_row else (shifted[todo], weights[todo])
-            subset_target = target[todo, 0].astype(np.float64)
-            counted[todo] = _select_host(lambda _: unsolved, 1, subset_target, keys, self.goal)
-        top += high
-        start = 0
-        for layer in layers:
-            layer_top, layer_solved, layer_needed = layer[4:]
-            stop = start + layer_solved.numel()
-            host_view(layer_top).reshape(stop - start, -1)[:] = top[start:stop]
-            host_view(layer_solved).reshape(-1)[:] = solved[start:stop, 0]
-            host_view(layer_needed).reshape(-1)[:] = counted[start:stop]
-            start = stop
-
-
-def _select_host(
+def select_host(
     shifted_weights: Callable[[int], tuple[np.ndarray, np.ndarray]],
     chunk_count: int,
     target: np.ndarray,

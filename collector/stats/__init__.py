@@ -21,6 +21,8 @@ The package, in reading order:
   16-bit keys multiplied as they are into float32, one fused log-softmax, p.V split over blocks
   of keys); the top-k and `keys_for_90pct` come from a sort of the probabilities of several
   layers at once (`SortBatch`, up to `StatsSpec.sort_batch_bytes` of them);
+- `host`: `HostSelection`, where the CPU's one-chunk layers of a pass wait to have their top-k
+  and `keys_for_90pct` selected together;
 - `finish`: everything that needs no key, for all layers of a pass at once.
 
 Cost and memory of the general path (K visible keys, n rows, h query heads, C = `chunk_keys`, up
@@ -37,7 +39,7 @@ to 1.125 C per chunk):
   is reused; chunks are laid out remainder first so that it is a full one, and only the other
   chunks recompute q.k (keys only);
 - on the CPU, a layer of one chunk leaves its top-k and `keys_for_90pct` to
-  `collector.topk.HostSelection`, which selects those of the one-chunk layers of a pass at once
+  `collector.stats.host.HostSelection`, which selects those of the one-chunk layers of a pass at once
   (numpy's per-call cost, not the arithmetic, is most of a selection at a few thousand keys);
 - `finish` does everything that needs no key for all layers of the pass at once (one set of small
   ops per pass instead of per layer);

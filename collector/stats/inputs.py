@@ -15,7 +15,7 @@ from collector.schema import DEFAULT_TOP_K
 
 if TYPE_CHECKING:
     from collector.stats.device import SortBatch
-    from collector.topk import HostSelection
+    from collector.stats.host import HostSelection
 
 # Float32 probabilities carry ~1e-7 relative error each: a cumulative mass within this fraction of
 # the target counts as reaching it, so exact ties (e.g. 900 of 1000 equal keys) count exactly.
@@ -48,7 +48,7 @@ class StatsSpec:
     # At 16 MiB the 32 layers of an 8B model (32 query heads) take 2 sorts at 4K keys, 5 at 16K
     # and 32 at 64K, where the GPU's work, not the launches, sets the pace. On the CPU, the
     # shifted logits and weights of up to this many bytes of one-chunk layers wait to be
-    # selected together (`collector.topk.HostSelection`).
+    # selected together (`collector.stats.host.HostSelection`).
     sort_batch_bytes: int = 16 << 20
 
 
@@ -114,8 +114,8 @@ class LayerPartial:
     # before the one that reaches the target (one less than the count).
     counted_by_sort: bool = False
     # The batch that fills `top` and `keys_needed` (`collector.stats.device.SortBatch`), or
-    # `top`, `solved` and `keys_needed` (`collector.topk.HostSelection`, on the CPU): they hold
-    # nothing until it is flushed, which `finish` does first. None: already filled.
+    # `top`, `solved` and `keys_needed` (`collector.stats.host.HostSelection`, on the CPU):
+    # they hold nothing until it is flushed, which `finish` does first. None: already filled.
     batch: SortBatch | HostSelection | None = None
     # (n, kv_heads, group, spec.middle_keys) key indices of the largest middle keys, largest
     # first, -1 past the last visible one; None unless spec.middle_keys > 0.

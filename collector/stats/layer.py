@@ -11,6 +11,7 @@ import torch
 from collector import topk
 from collector.stats.device import device_pass
 from collector.stats.finish import finish
+from collector.stats.host import host_selection
 from collector.stats.inputs import (
     EXP_FLOOR,
     MASKED_LOGIT,
@@ -72,7 +73,7 @@ def layer_pass(
     if len(bounds) == 1 and rows.sinks is None and not topk.on_host(rows.query):
         return device_pass(rows, logits_of, spec)
     # One chunk on the CPU: the top-k and keys_for_90pct are selected with the pass's other
-    # one-chunk layers (`collector.topk.HostSelection`).
+    # one-chunk layers (`collector.stats.host.HostSelection`).
     host_chunk = len(bounds) == 1 and topk.on_host(rows.query)
     # set by chunk 0 (chunk_top by `top_values`, except on the one-chunk CPU path)
     high = total = entropy_sum = out = top = chunk_top = shifted = weights = rows.query
@@ -151,14 +152,3 @@ def layer_pass(
         rows.keep_is_sink, visible, solved, keys_needed, rows.output is not None,
         middle_index=middle_indices(middle), batch=batch,
     )  # fmt: skip
-
-
-def host_selection(rows: RowInputs, goal: float, spec: StatsSpec) -> topk.HostSelection:
-    """Return the pass's `HostSelection` (in `rows.scratch`), or one for this layer alone."""
-    scratch = {} if rows.scratch is None else rows.scratch
-    batch = scratch.get(("host selection",))
-    if batch is None:
-        batch = scratch[("host selection",)] = topk.HostSelection(
-            max(spec.top_k), goal, spec.sort_batch_bytes
-        )
-    return batch

@@ -292,14 +292,14 @@ def test_cpu_selections_of_a_pass_are_taken_together(
         for seed, keys in enumerate([200, 2600, 2600, 700, 2600, 2600])
     ]
     spec = StatsSpec(sort_batch_bytes=budget)
-    select = topk._select_host
+    select = topk.select_host
     counted_keys: list[int] = []
 
     def counting(*args: Any) -> Any:
         counted_keys.append(args[3])
         return select(*args)
 
-    monkeypatch.setattr(topk, "_select_host", counting)
+    monkeypatch.setattr(topk, "select_host", counting)
     results = finish([layer_pass(rows, 0.25, spec) for rows in layers], spec)
     assert len(counted_keys) == (calls if stats_path == "numpy" else 0)
     for rows, got in zip(layers, results, strict=True):
