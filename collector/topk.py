@@ -30,10 +30,11 @@ import torch
 _BINS = 512
 _MAX_SORTED = 16384
 _BLOCK = 32
-# On the CPU, rows of at least this many times k keys fold to a bound (`top_values_host`); in a
-# serving process (cold caches between layers) its extra numpy calls cost more than they save
-# below it.
-_FOLD_FROM = 32
+# On the CPU, rows of at least this many times k keys fold to a bound (`top_values_host`): on
+# the rows of a pass's layers selected together (`collector.stats.host`), 32 rows of 4,096 keys
+# took 0.4x the time of the plain partition, 2,048 keys 0.4-0.5x; at 1,024 keys the extra calls
+# cost more than they save on one layer's 8 rows.
+_FOLD_FROM = 8
 
 
 def on_host(t: torch.Tensor) -> bool:
@@ -82,7 +83,7 @@ def top_values_host(rows: np.ndarray, k: int) -> np.ndarray:
     has k distinct keys at or above it, so every key of the top k is too. On near-uniform rows
     about 1.4k keys pass (at any length), and partitioning those costs far less than introselect
     over the row: in a serving process, top_values took 0.54x the time of `np.partition` at 16K
-    keys and 0.65x at 64K (below 8K the extra calls cost more than they save, see `_FOLD_FROM`).
+    keys and 0.65x at 64K (for shorter rows see `_FOLD_FROM`).
     Rows where the bound lets too many keys through (ties, masked keys) or holding NaN (it
     reaches the folded maxima) take the plain partition.
     """
