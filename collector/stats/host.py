@@ -82,9 +82,10 @@ class HostSelection:
 
     def _select(self, keys: int, layers: list[_Queued]) -> None:
         def rows_of(name: str) -> np.ndarray:
-            """The queued layers' tensors of that name as one (rows, width) array."""
-            parts = [getattr(layer, name) for layer in layers]
-            return np.concatenate([topk.host_view(t).reshape(-1, t.shape[-1]) for t in parts])
+            """The queued layers' tensors of that name as one (rows, width) array (a view for one layer)."""
+            parts = [topk.host_view(getattr(layer, name)) for layer in layers]
+            rows = [part.reshape(-1, part.shape[-1]) for part in parts]
+            return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
         shifted, weights = rows_of("shifted"), rows_of("weights")
         high, target = rows_of("high"), rows_of("target")
@@ -114,6 +115,6 @@ def host_selection(rows: RowInputs, goal: float, spec: StatsSpec) -> HostSelecti
     batch = scratch.get(("host selection",))
     if batch is None:
         batch = scratch[("host selection",)] = HostSelection(
-            max(spec.top_k), goal, spec.sort_batch_bytes
+            max(spec.top_k), goal, spec.host_batch_bytes
         )
     return batch

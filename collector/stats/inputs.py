@@ -46,10 +46,14 @@ class StatsSpec:
     # On a device, the probabilities of up to this many bytes of layers are sorted together
     # (`collector.stats.device.SortBatch`); a sort holds about six times its input meanwhile.
     # At 16 MiB the 32 layers of an 8B model (32 query heads) take 2 sorts at 4K keys, 5 at 16K
-    # and 32 at 64K, where the GPU's work, not the launches, sets the pace. On the CPU, the
-    # shifted logits and weights of up to this many bytes of one-chunk layers wait to be
-    # selected together (`collector.stats.host.HostSelection`).
+    # and 32 at 64K, where the GPU's work, not the launches, sets the pace.
     sort_batch_bytes: int = 16 << 20
+    # On the CPU, the shifted logits and weights of up to this many bytes of one-chunk layers
+    # wait to be selected together (`collector.stats.host.HostSelection`): the 4 layers of a
+    # small model at 4K keys (256 KiB each) share one selection, where per-call costs dominate;
+    # from 16K keys a layer goes alone, and its rows are not copied into a batch (at tens of
+    # thousands of keys the copies cost more than the calls they save).
+    host_batch_bytes: int = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -291,7 +291,7 @@ def test_cpu_selections_of_a_pass_are_taken_together(
         dataclasses.replace(make_rows(keys, MIXED, seed=seed), scratch=shared)
         for seed, keys in enumerate([200, 2600, 2600, 700, 2600, 2600])
     ]
-    spec = StatsSpec(sort_batch_bytes=budget)
+    spec = StatsSpec(host_batch_bytes=budget)
     select = topk.select_host
     counted_keys: list[int] = []
 
