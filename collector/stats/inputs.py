@@ -51,8 +51,9 @@ class StatsSpec:
     # On the CPU, the shifted logits and weights of up to this many bytes of one-chunk layers
     # wait to be selected together (`collector.stats.host.HostSelection`): the 4 layers of a
     # small model at 4K keys (256 KiB each) share one selection, where per-call costs dominate;
-    # from 16K keys a layer goes alone, and its rows are not copied into a batch (at tens of
-    # thousands of keys the copies cost more than the calls they save).
+    # from 16K keys a layer goes alone, and its rows are not copied into a batch (with 16 MiB,
+    # a third of the runs at 16K keys were page-fault bound, the batch's copies among the
+    # megabytes mapped afresh).
     host_batch_bytes: int = 1 << 20
 
 
