@@ -52,7 +52,7 @@ class StatsSpec:
     # wait to be selected together (`collector.stats.host.HostSelection`): the 4 layers of a
     # small model at 4K keys (256 KiB each) share one selection, where per-call costs dominate;
     # from 16K keys a layer goes alone, and its rows are not copied into a batch (with 16 MiB,
-    # a third of the runs at 16K keys were page-fault bound, the batch's copies among the
+    # 5 of 18 runs at 16K keys were page-fault bound, the batch's copies among the
     # megabytes mapped afresh).
     host_batch_bytes: int = 1 << 20
 
