@@ -1,10 +1,10 @@
 """Turn the per-layer results of a measured pass into wire messages (one per measured row).
 
 Usage:
-    messages = assemble(plan, identity, sampling, num_layers)
+    messages = assemble(plan, identity, layout)
 
-Pure: numpy arrays in, HeadStatsMessage out. The only host-device copy of a measured pass happens
-here, once, after the last layer.
+Pure: numpy arrays in, HeadStatsMessage out. The only copy of a measured pass's statistics to
+the host happens here, once, after the last layer (one host sync on a GPU).
 """
 
 from __future__ import annotations
@@ -71,9 +71,11 @@ def assemble(plan: PassPlan, identity: Identity, layout: Layout) -> list[HeadSta
         finished, values, visible_all = plan.stacked
         keep = [j for j, layer in enumerate(finished) if layer < layout.num_layers]
         layers = [finished[j] for j in keep]
-        # One host copy for all statistics, layers and rows: (layers, n, heads, stats).
+        # One host sync for all statistics, layers and rows, (layers, n, heads, stats): the
+        # visible keys' copy is queued first, so it is done when the statistics' copy returns.
+        visible_copy = visible_all.to("cpu", non_blocking=True)
         host = values.cpu().numpy().astype(np.float64)
-        visible_host = visible_all.cpu().numpy()
+        visible_host = visible_copy.numpy()
         if len(keep) < len(finished):
             host, visible_host = host[keep], visible_host[keep]
         heads = values.shape[2]

@@ -107,6 +107,19 @@ def plan_rows(
     return plans
 
 
+def on_device(values: np.ndarray | list[int], device: torch.device) -> torch.Tensor:
+    """Return host values as a tensor on `device`, without a host sync on a CUDA device.
+
+    `torch.tensor(values, device="cuda")` copies from pageable memory and waits for the stream
+    (every kernel queued so far) to finish; a copy from pinned memory is queued instead, and
+    the pinned buffer is kept until it has run.
+    """
+    host = torch.as_tensor(values)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def key_offset(total_slots: int, keys: int) -> int:
     """Return the slot of key 0: caches shorter than the sequence keep its suffix."""
     return total_slots - keys if keys < total_slots else 0
@@ -122,11 +135,11 @@ def _bias_rows(
 ) -> torch.Tensor:
     """Return (n, keys) float32: 0 (or the model's additive bias) where visible, -inf elsewhere."""
     n = len(plan.rows)
-    batch = torch.tensor([r.batch_index for r in plan.rows], device=device)
+    batch = on_device([r.batch_index for r in plan.rows], device)
     if mask is not None and mask.dim() == 4:
         if mask.shape[-1] < keys:
             raise ValueError(f"expected a mask over {keys} keys, got {tuple(mask.shape)}")
-        rows = torch.tensor([r.query_row for r in plan.rows], device=device)
+        rows = on_device([r.query_row for r in plan.rows], device)
         heads = mask[:, 0] if mask.shape[1] >= 1 else mask
         picked = heads[batch if mask.shape[0] > 1 else torch.zeros_like(batch), rows, :keys]
         if picked.dtype == torch.bool:
@@ -135,7 +148,7 @@ def _bias_rows(
         return picked.float().masked_fill(picked <= floor, -math.inf)
     offset = key_offset(plan.total_slots, keys)
     slots = torch.arange(keys, device=device) + offset
-    query_slots = torch.tensor([r.query_slot for r in plan.rows], device=device)[:, None]
+    query_slots = on_device([r.query_slot for r in plan.rows], device)[:, None]
     visible = (slots[None, :] < plan.total_slots).expand(n, keys).clone()
     if is_causal:
         visible &= slots[None, :] <= query_slots
@@ -184,9 +197,9 @@ def _keep_rows(
         is_sink_np[i, :n_sink] = True
         valid_np[i, : idx.size] = True
     result = (
-        torch.from_numpy(index_np).to(device),
-        torch.from_numpy(is_sink_np).to(device),
-        torch.from_numpy(valid_np).to(device),
+        on_device(index_np, device),
+        on_device(is_sink_np, device),
+        on_device(valid_np, device),
         bool(valid_np.all()),
     )
     plan._keep_cache[(keys, 0, device)] = result
@@ -213,8 +226,8 @@ def layer_inputs(
     indices = plan._index_cache.get(device)
     if indices is None:
         indices = (
-            torch.tensor([r.batch_index for r in plan.rows], device=device),
-            torch.tensor([r.query_row for r in plan.rows], device=device),
+            on_device([r.batch_index for r in plan.rows], device),
+            on_device([r.query_row for r in plan.rows], device),
         )
         plan._index_cache[device] = indices
     batch, rows = indices

@@ -1,10 +1,13 @@
-"""`device_pass`: one layer's statistics on a device, keys in one chunk: about 14 kernels, no host sync.
+"""`device_pass`: a device's one-chunk layers, batched, so that per layer only its products run.
 
-The probabilities of the layers of a pass are sorted in batches (`SortBatch`): one sort for
-several layers.
+A layer computes its logits (q.k) and queues them in the pass's `DeviceBatch` for its shape.
+The batch does the rest for all its layers at once (log-softmax, probabilities, entropy, the
+keep-set's logits, the sort that gives the top-k and `keys_for_90pct`), then p.V layer by layer.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -19,119 +22,150 @@ from collector.stats.products import Logits, gather_keys, padded_buffer, split_p
 
 
 def device_pass(rows: RowInputs, logits_of: Logits, spec: StatsSpec) -> LayerPartial:
-    """`layer_pass` of one chunk on a device, without learned sinks: about 14 kernels, no host sync.
+    """`layer_pass` of one chunk on a device, without learned sinks: no host sync.
 
-    A serving process launches these kernels one by one from Python, so their number sets the
-    cost (on an H100 the launch, not the arithmetic, is most of a layer's time up to 16K keys).
+    A serving process launches kernels one by one from Python, so their number sets the cost
+    (on an H100 the launch, not the arithmetic, is most of a layer's time up to 16K keys). Here
+    a layer launches its q.k (16-bit keys multiplied as they are into float32), the gather of
+    its keep-set's values, and later, in its batch, its p.V: about 6 kernels. Everything else
+    is one set of kernels per `DeviceBatch`.
+
     Log-probabilities come from one fused log-softmax, so that everything is relative to the
     log-sum-exp: `high` is 0 and `total` is 1 (their sum differs from 1 by float32 rounding,
-    1e-7; a row whose logits are not finite has a NaN entropy, and `finish` flags it). A sort
-    of the probabilities gives the top-k and `keys_for_90pct` (`sorted_counts`); it waits in a
-    `SortBatch`, which sorts several layers at once. Buffers padded to whole blocks of keys,
-    constants, index views and sort batches are shared by the layers of a pass
-    (`RowInputs.scratch`). Extra memory, as on the general path with one chunk: a few (n, h,
-    keys) tensors (log-probabilities, probabilities, their sort and float64 running sum) and the
-    float32 copy of the values, (kv_heads, keys, d), the only one the size of the cache; plus
-    the probabilities waiting in the batch, at most `spec.sort_batch_bytes`.
+    1e-7; a row whose logits are not finite has a NaN entropy, and `finish` flags it). The
+    partial's entropy, p.V, top-k, count and keep-set logits are views that the batch fills
+    (`finish` flushes it first).
     """
-    n, kv_heads, group, _ = rows.query.shape
     keys = rows.key.shape[2]
     scratch = {} if rows.scratch is None else rows.scratch
     logits = logits_of(0, keys)
     middle = largest_middle(logits, rows, 0, spec.middle_keys, None) if spec.middle_keys else None
-    log_p = torch.log_softmax(logits, dim=-1)
-    # the keep-set's index per head (one per key count in a pass), a maximum of 0, a total of 1
-    name = ("shared", keys, log_p.device, n, kv_heads, group)
-    shared = scratch.get(name)
-    if shared is None:
-        shared = scratch[name] = (
-            rows.keep_index.reshape(n, 1, 1, -1).expand(n, kv_heads, group, -1),
-            log_p.new_zeros((n, kv_heads, group, 1)),
-            log_p.new_ones((n, kv_heads, group, 1)),
-        )
-    index, zero, one = shared
-    keep_logits = mask_keep_logits(rows, log_p.gather(-1, index))
-    values = rows.value
-    if rows.output is not None:  # the kernel's output: no p.V
-        weights = torch.exp(log_p)
-        out = rows.output
-    else:
-        # the layer's own buffer (its probabilities wait in the sort batch), padded for p.V
-        padded = padded_buffer({}, "probabilities", log_p.device, (n, kv_heads, group), keys, None)
-        weights = torch.exp(log_p, out=padded[..., :keys])
-        value = gather_keys(rows.value, rows.batch_index, 0, keys)
-        upcast = padded_buffer(
-            scratch, "values", log_p.device, value.shape[:2], keys, value.shape[-1]
-        )
-        values = upcast[..., :keys, :].copy_(value)
-        out = split_product(padded, upcast)
-        if rows.value.shape[0] > 1:
-            values = rows.value  # the copy holds the rows' entries, not the batch's
-    entropy_sum = torch.linalg.vecdot(weights, log_p)[..., None]
-    batch_name = ("sort batch", *weights.shape, weights.device)
-    batch = scratch.get(batch_name)
+    # layers of one shape share a batch (keep-set width and value width included)
+    name = ("device batch", *logits.shape, rows.keep_index.shape[-1], rows.value.shape[-1])
+    batch = scratch.get((*name, logits.device))
     if batch is None or batch.full:
-        k = min(max(spec.top_k), keys)
-        goal = spec.mass_target * (1 - MASS_SLACK)
-        batch = scratch[batch_name] = SortBatch(weights, k, goal, spec.sort_batch_bytes)
-    top, keys_needed = batch.add(weights)
-    visible = visible_keys(rows)
+        batch = scratch[(*name, logits.device)] = DeviceBatch(rows, logits, scratch, spec)
+    keep_values = gather_keep_values(rows, rows.value)
+    slot = batch.add(rows, logits)
+    out = rows.output if rows.output is not None else batch.out[slot]
     return LayerPartial(
-        zero, one, entropy_sum, None, out, top, keep_logits, gather_keep_values(rows, values),
-        rows.keep_is_sink, visible, None, keys_needed, rows.output is not None,
-        counted_by_sort=True, middle_index=middle_indices(middle), batch=batch,
+        batch.zero, batch.one, batch.entropy[slot], None, out, batch.top[slot], batch.keep[slot],
+        keep_values, rows.keep_is_sink, visible_keys(rows), None, batch.before[slot],
+        rows.output is not None, counted_by_sort=True, middle_index=middle_indices(middle),
+        batch=batch,
     )  # fmt: skip
 
 
-class SortBatch:
-    """The probabilities of several `device_pass` layers of one shape, sorted together.
+class _Queued(NamedTuple):
+    """One layer waiting in a `DeviceBatch`."""
 
-    A sort on a device costs a few hundred microseconds of host time whatever its size (in the
-    H100 profile: torch's segmented radix sort, its set-up and four passes), the largest host
-    cost of a layer there. Layers add their probabilities and get views of where their
-    top-k and count will be; the batch sorts them at once (`sorted_counts`) when it holds
-    `budget` bytes, or when `finish` flushes it. Memory: the waiting probabilities, at most
-    `budget` bytes, then about six times that while they are sorted (their copy, the sorted
-    values and their int64 indices, the float64 running sum).
+    rows: RowInputs
+    logits: torch.Tensor  # (n, kv_heads, group, keys) float32, masked keys at MASKED_LOGIT
+
+
+class DeviceBatch:
+    """The one-chunk layers of one shape in a pass, on a device: all but their products at once.
+
+    Each kernel launch costs a few microseconds of host time whatever its size, and a sort a
+    few hundred (in the H100 profile: torch's segmented radix sort, its set-up and four passes).
+    Layers queue their logits and get views of where their statistics will be; the batch
+    fills them (`flush`) when it holds `budget` bytes of logits, or when `finish` flushes it:
+    one log-softmax, one exp, one entropy product, one keep-set gather and one sort for all its
+    layers, then p.V per layer (it needs the layer's values). Memory: the queued logits, at
+    most `budget` bytes, then about eight times that while they are flushed (their stack, the
+    log-probabilities, the probabilities padded to whole blocks of keys, the sort's values, its
+    int64 indices and float64 running sum), plus one float32 copy of a layer's values at a time.
 
     Usage:
-        top, before = batch.add(probabilities)  # (n, kv, group, keys) in, views out
-        batch.flush()                           # before reading top and before
+        slot = batch.add(rows, logits)   # batch.entropy[slot], .out, .top, .before, .keep: views
+        batch.flush()                    # before reading them
     """
 
-    def __init__(self, like: torch.Tensor, k: int, goal: float, budget: int) -> None:
+    def __init__(
+        self,
+        rows: RowInputs,
+        like: torch.Tensor,
+        scratch: dict[tuple[object, ...], object],
+        spec: StatsSpec,
+    ) -> None:
+        n, kv_heads, group, keys = like.shape
+        keep_index = rows.keep_index
+        budget = spec.device_batch_bytes
         self.capacity = max(1, min(256, budget // max(1, like.numel() * like.element_size())))
-        lead = like.shape[:-1]
-        self.top = like.new_empty((self.capacity, *lead, k))
-        self.before = torch.empty((self.capacity, *lead, 1), dtype=torch.int64, device=like.device)
-        self.goal = goal
+        lead = (self.capacity, n, kv_heads, group)
+        self.keep_index = keep_index
+        self.scratch = scratch
+        self.goal = spec.mass_target * (1 - MASS_SLACK)
+        # filled by `flush` (`out`: p.V, of layers without the kernel's float32 output)
+        self.entropy = like.new_empty((*lead, 1))
+        self.out = like.new_empty((*lead, rows.value.shape[-1]))
+        self.keep = like.new_empty((*lead, keep_index.shape[-1]))
+        self.top = like.new_empty((*lead, min(max(spec.top_k), keys)))
+        self.before = torch.empty((*lead, 1), dtype=torch.int64, device=like.device)
+        # a maximum of 0 and a total of 1 for every layer
+        self.zero = like.new_zeros((n, kv_heads, group, 1))
+        self.one = like.new_ones((n, kv_heads, group, 1))
         self.used = 0
-        self.pending: list[torch.Tensor] = []
+        self.pending: list[_Queued] = []
 
     @property
     def full(self) -> bool:
         """Whether every slot has been handed out (a new batch takes the next layers)."""
         return self.used == self.capacity
 
-    def add(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queue one layer's probabilities; return views of its top-k and count, filled by `flush`."""
+    def add(self, rows: RowInputs, logits: torch.Tensor) -> int:
+        """Queue one layer's logits; return its slot in the batch's tensors (filled by `flush`)."""
         slot = self.used
         self.used += 1
-        self.pending.append(weights)
+        self.pending.append(_Queued(rows, logits))
         if self.full:
             self.flush()
-        return self.top[slot], self.before[slot]
+        return slot
 
     def flush(self) -> None:
-        """Sort what is queued into the slots; nothing to do when nothing is queued."""
+        """Compute what the queued layers wait for; nothing to do when nothing is queued."""
         if not self.pending:
             return
-        first = self.used - len(self.pending)
-        stacked = torch.stack(self.pending)  # whole rows without the padding of split products
-        self.pending = []
-        sorted_counts(
-            stacked, self.goal, self.top[first : self.used], self.before[first : self.used]
+        pending, self.pending = self.pending, []
+        taken = slice(self.used - len(pending), self.used)
+        count, (n, kv_heads, group, keys) = len(pending), pending[0].logits.shape
+        log_p = torch.log_softmax(torch.stack([q.logits for q in pending]), dim=-1)
+        # the probabilities, padded with zeros to whole blocks of keys for the split p.V
+        padded = padded_buffer(
+            self.scratch, "probabilities", log_p.device, log_p.shape[:-1], keys, None
         )
+        weights = torch.exp(log_p, out=padded[..., :keys])
+        torch.linalg.vecdot(weights, log_p, out=self.entropy[taken].squeeze(-1))
+        index = self.keep_index.reshape(1, n, 1, 1, -1).expand(count, n, kv_heads, group, -1)
+        torch.gather(log_p, -1, index, out=self.keep[taken])
+        del log_p
+        for queued, keep in zip(pending, self.keep[taken], strict=True):
+            mask_keep_logits(queued.rows, keep)  # in place, where anything is masked
+        sorted_counts(weights, self.goal, self.top[taken], self.before[taken])
+        for queued, probabilities, out in zip(pending, padded, self.out[taken], strict=True):
+            if queued.rows.output is None:
+                _weighted_values(queued.rows, probabilities, out, self.scratch)
+
+
+def _weighted_values(
+    rows: RowInputs,
+    probabilities: torch.Tensor,
+    out: torch.Tensor,
+    scratch: dict[tuple[object, ...], object],
+) -> None:
+    """Write p.V of one layer into `out`, (n, kv_heads, group, d).
+
+    probabilities: (n, kv_heads, group, keys padded to whole blocks), zero past the last key. The
+    values are upcast into a buffer of the same padding (zeros past the last key), shared by the
+    layers of a pass, so that the split product needs no further copy.
+    """
+    keys = rows.key.shape[2]
+    value = gather_keys(rows.value, rows.batch_index, 0, keys)
+    upcast = padded_buffer(
+        scratch, "values", probabilities.device, value.shape[:2], keys, value.shape[-1]
+    )
+    upcast[..., :keys, :].copy_(value)
+    split_product(probabilities, upcast, out=out)
 
 
 def sorted_counts(

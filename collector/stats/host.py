@@ -1,7 +1,7 @@
 """The CPU's one-chunk layers of a pass, their top-k and `keys_for_90pct` selected together.
 
 `layer_pass` queues a layer here instead of selecting its keys itself (`HostSelection`), as
-`collector.stats.device` queues a device's layers in a `SortBatch`; `finish` flushes both.
+`collector.stats.device` queues a device's layers in a `DeviceBatch`; `finish` flushes both.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import torch
 from collector.schema import DEFAULT_TOP_K
 
 if TYPE_CHECKING:
-    from collector.stats.device import SortBatch
+    from collector.stats.device import DeviceBatch
     from collector.stats.host import HostSelection
 
 # Float32 probabilities carry ~1e-7 relative error each: a cumulative mass within this fraction of
@@ -43,11 +43,12 @@ class StatsSpec:
     # How many of the largest middle keys (visible, outside the sink+recent keep-set) to report
     # by index; 0 (the default) computes nothing for them.
     middle_keys: int = 0
-    # On a device, the probabilities of up to this many bytes of layers are sorted together
-    # (`collector.stats.device.SortBatch`); a sort holds about six times its input meanwhile.
-    # At 16 MiB the 32 layers of an 8B model (32 query heads) take 2 sorts at 4K keys, 5 at 16K
-    # and 32 at 64K, where the GPU's work, not the launches, sets the pace.
-    sort_batch_bytes: int = 16 << 20
+    # On a device, the logits of up to this many bytes of one-chunk layers wait to be finished
+    # together (`collector.stats.device.DeviceBatch`: one log-softmax, one sort and so on for
+    # them all); a flush holds about eight times its logits meanwhile. At 16 MiB the 32 layers
+    # of an 8B model (32 query heads) take 2 batches at 4K keys, 5 at 16K and 32 at 64K, where
+    # the GPU's work, not the launches, sets the pace.
+    device_batch_bytes: int = 16 << 20
     # On the CPU, the shifted logits and weights of up to this many bytes of one-chunk layers
     # wait to be selected together (`collector.stats.host.HostSelection`): the 4 layers of a
     # small model at 4K keys (256 KiB each) share one selection, where per-call costs dominate;
@@ -118,10 +119,11 @@ class LayerPartial:
     # From `sorted_counts`: `top` holds weights relative to `high`, and `keys_needed` the keys
     # before the one that reaches the target (one less than the count).
     counted_by_sort: bool = False
-    # The batch that fills `top` and `keys_needed` (`collector.stats.device.SortBatch`), or
-    # `top`, `solved` and `keys_needed` (`collector.stats.host.HostSelection`, on the CPU):
-    # they hold nothing until it is flushed, which `finish` does first. None: already filled.
-    batch: SortBatch | HostSelection | None = None
+    # The batch that fills `entropy_sum`, `out` (without the kernel's output), `top`,
+    # `keep_logits` and `keys_needed` (`collector.stats.device.DeviceBatch`), or `top`,
+    # `solved` and `keys_needed` (`collector.stats.host.HostSelection`, on the CPU): they hold
+    # nothing until it is flushed, which `finish` does first. None: already filled.
+    batch: DeviceBatch | HostSelection | None = None
     # (n, kv_heads, group, spec.middle_keys) key indices of the largest middle keys, largest
     # first, -1 past the last visible one; None unless spec.middle_keys > 0.
     middle_index: torch.Tensor | None = None

@@ -23,8 +23,9 @@ def mask_keep_logits(rows: RowInputs, keep: torch.Tensor) -> torch.Tensor:
 
 def gather_keep_values(rows: RowInputs, values: torch.Tensor) -> torch.Tensor:
     """Return (n, kv_heads, J, d) float32 values of the keep-set; `values` is rows.value or its float32 copy."""
-    if rows.keep_index.shape[0] == 1 and values.shape[0] == 1:  # one index op
-        keep_values = values[:, :, rows.keep_index[0]]
+    if rows.keep_index.shape[0] == 1 and values.shape[0] == 1:
+        # one op (indexing with a tensor through `values[...]` costs several times the host time)
+        keep_values = values.index_select(2, rows.keep_index[0])
     else:
         batch = rows.batch_index[:, None].expand_as(rows.keep_index)
         keep_values = values[batch, :, rows.keep_index].transpose(1, 2)

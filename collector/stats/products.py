@@ -159,14 +159,17 @@ def weighted_values(
     return out, upcast[..., :keys, :]
 
 
-def split_product(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def split_product(
+    weights: torch.Tensor, values: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Return weights @ values summed over blocks of `SPLIT_KEYS` keys (padded to whole blocks).
 
-    weights: (n, kv_heads, group, keys); values: (n or 1, kv_heads, keys, d), both float32.
+    weights: (n, kv_heads, group, keys); values: (n or 1, kv_heads, keys, d), both float32;
+    out: where to write the (n, kv_heads, group, d) result, or None for a new tensor.
     """
     blocks = weights.shape[-1] // SPLIT_KEYS
     parts = torch.matmul(
         weights.unflatten(-1, (blocks, SPLIT_KEYS)).transpose(-2, -3),
         values.unflatten(-2, (blocks, SPLIT_KEYS)),
     )  # (n, kv_heads, blocks, group, d)
-    return parts.sum(-3)
+    return torch.sum(parts, -3, out=out)

@@ -79,3 +79,31 @@ def test_gpu_statistics_equal_cpu_statistics() -> None:
         np.testing.assert_allclose(
             gpu.stat(name), cpu.stat(name), atol=tolerance, rtol=0, err_msg=name
         )
+
+
+def test_a_sampled_decode_step_synchronises_once() -> None:
+    """A measured decode step without padding waits for the GPU once: the copy of its statistics.
+
+    The pass's index tensors go to the device from pinned memory, without a sync, and the
+    visible keys' copy is queued before the statistics' one.
+    """
+    gpu = model().cuda()
+    with torch.no_grad():
+        out = gpu(torch.randint(0, 64, (1, 64), device="cuda"), use_cache=True)
+    name = "cache" if hasattr(out, "cache") else "past_key_values"
+    cache = getattr(out, name)
+    step = torch.ones(1, 1, dtype=torch.long, device="cuda")
+
+    def decode() -> None:
+        with torch.no_grad():
+            gpu(step, **{name: cache})
+            cache.crop(-1)  # back to the 64 prompt tokens
+
+    decode()  # warm-up (pinned memory, kernels)
+    plain = count_syncs(decode)
+    sink = MemorySink()
+    with attach(gpu, sink=sink, sample_rate=1.0, min_context_tokens=0, decode_every=1):
+        decode()
+        hooked = count_syncs(decode)
+    assert len(sink.messages) == 2
+    assert hooked <= plain + 1

@@ -70,10 +70,10 @@ def test_cuda_bfloat16_statistics_equal_the_direct_computation(rows: int) -> Non
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_layers_sorted_in_batches_equal_the_cpu_statistics() -> None:
-    """Layers of a pass share sort batches (`SortBatch`): two of two layers, one of one."""
+    """Layers of a pass share batches (`DeviceBatch`): two of two layers, one of one."""
     shared: dict[tuple[object, ...], object] = {}
     layers = [make_rows(20_000, MIXED, seed=seed) for seed in range(3)]
-    spec = StatsSpec(sort_batch_bytes=2 * 2 * 8 * 20_000 * 4)  # two layers' probabilities
+    spec = StatsSpec(device_batch_bytes=2 * 2 * 8 * 20_000 * 4)  # two layers' logits
     gpu = finish(
         [layer_pass(dataclasses.replace(to_cuda(r), scratch=shared), 0.25, spec) for r in layers],
         spec,

@@ -255,7 +255,7 @@ def sorts_in(run: Callable[[], object]) -> int:
 def test_layers_sorted_in_batches_equal_the_direct_computation(
     stats_path: str, capacity: int
 ) -> None:
-    """The device path sorts the probabilities of the layers of a pass together (`SortBatch`).
+    """The device path finishes the layers of a pass together (`DeviceBatch`): one sort each.
 
     Five layers of one shape and one of another share a pass; a batch holds `capacity` layers
     (the rest of a pass's layers start a new one), and `finish` sorts what is left.
@@ -266,7 +266,7 @@ def test_layers_sorted_in_batches_equal_the_direct_computation(
         for seed, keys in enumerate([2600] * 3 + [700] + [2600] * 2)
     ]
     layer_bytes = 2 * 8 * 2600 * 4  # rows x heads x keys x float32
-    spec = StatsSpec(sort_batch_bytes=capacity * layer_bytes)
+    spec = StatsSpec(device_batch_bytes=capacity * layer_bytes)
 
     def run() -> list[dict[str, torch.Tensor]]:
         return finish([layer_pass(rows, 0.25, spec) for rows in layers], spec)
