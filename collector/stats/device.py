@@ -136,8 +136,14 @@ class DeviceBatch:
         )
         weights = torch.exp(log_p, out=padded[..., :keys])
         torch.linalg.vecdot(weights, log_p, out=self.entropy[taken].squeeze(-1))
-        index = self.keep_index.reshape(1, n, 1, 1, -1).expand(count, n, kv_heads, group, -1)
-        torch.gather(log_p, -1, index, out=self.keep[taken])
+        if all(queued.rows.keep_index is self.keep_index for queued in pending):
+            # one keep-set for all (the layers of a pass with one key count share it)
+            index = self.keep_index.reshape(1, n, 1, 1, -1).expand(count, n, kv_heads, group, -1)
+            torch.gather(log_p, -1, index, out=self.keep[taken])
+        else:
+            for queued, layer_log_p, keep in zip(pending, log_p, self.keep[taken], strict=True):
+                index = queued.rows.keep_index.reshape(n, 1, 1, -1).expand(n, kv_heads, group, -1)
+                torch.gather(layer_log_p, -1, index, out=keep)
         del log_p
         for queued, keep in zip(pending, self.keep[taken], strict=True):
             mask_keep_logits(queued.rows, keep)  # in place, where anything is masked

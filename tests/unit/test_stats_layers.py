@@ -278,6 +278,20 @@ def test_layers_sorted_in_batches_equal_the_direct_computation(
         assert_matches(got, direct(rows, 0.25))
 
 
+def test_layers_of_one_batch_with_their_own_keep_sets(stats_path: str) -> None:
+    """Layers of one shape with different keep-sets (not from one pass plan) each get their own."""
+    shared: dict[tuple[object, ...], object] = {}
+    first = dataclasses.replace(make_rows(2600, MIXED, seed=0), scratch=shared)
+    other = make_rows(2600, MIXED, seed=1)
+    moved = other.keep_index.clone()
+    moved[:, 4:] -= 100  # its "recent" keys lie further back
+    second = dataclasses.replace(other, keep_index=moved, scratch=shared)
+    spec = StatsSpec()
+    results = finish([layer_pass(rows, 0.25, spec) for rows in (first, second)], spec)
+    for rows, got in zip((first, second), results, strict=True):
+        assert_matches(got, direct(rows, 0.25))
+
+
 @pytest.mark.parametrize("budget, calls", [(1, 5), (16 << 20, 2)], ids=["each-alone", "one-batch"])
 def test_cpu_selections_of_a_pass_are_taken_together(
     stats_path: str, budget: int, calls: int, monkeypatch: pytest.MonkeyPatch
