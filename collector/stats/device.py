@@ -18,7 +18,7 @@ from collector.stats.keepset import (
     mask_keep_logits,
     middle_indices,
 )
-from collector.stats.products import Logits, gather_keys, padded_buffer, split_product
+from collector.stats.products import SPLIT_KEYS, Logits, gather_keys, padded_buffer, split_parts
 
 
 def device_pass(rows: RowInputs, logits_of: Logits, spec: StatsSpec) -> LayerPartial:
@@ -26,9 +26,10 @@ def device_pass(rows: RowInputs, logits_of: Logits, spec: StatsSpec) -> LayerPar
 
     A serving process launches kernels one by one from Python, so their number sets the cost
     (on an H100 the launch, not the arithmetic, is most of a layer's time up to 16K keys). Here
-    a layer launches its q.k (16-bit keys multiplied as they are into float32), the gather of
-    its keep-set's values, and later, in its batch, its p.V: about 6 kernels. Everything else
-    is one set of kernels per `DeviceBatch`.
+    a layer launches its q.k (16-bit keys multiplied as they are into float32) and its scaling;
+    later, in its batch, the float32 copy of its values, its p.V and the gather of its
+    keep-set's values from that copy: 5 kernels. Everything else is one set of kernels per
+    `DeviceBatch`.
 
     Log-probabilities come from one fused log-softmax, so that everything is relative to the
     log-sum-exp: `high` is 0 and `total` is 1 (their sum differs from 1 by float32 rounding,
@@ -45,8 +46,11 @@ def device_pass(rows: RowInputs, logits_of: Logits, spec: StatsSpec) -> LayerPar
     batch = scratch.get((*name, logits.device))
     if batch is None or batch.full:
         batch = scratch[(*name, logits.device)] = DeviceBatch(rows, logits, scratch, spec)
-    keep_values = gather_keep_values(rows, rows.value)
     slot = batch.add(rows, logits)
+    if _keep_values_from_copy(rows):
+        keep_values = batch.keep_values[slot]
+    else:
+        keep_values = gather_keep_values(rows, rows.value)
     out = rows.output if rows.output is not None else batch.out[slot]
     return LayerPartial(
         batch.zero, batch.one, batch.entropy[slot], None, out, batch.top[slot], batch.keep[slot],
@@ -100,6 +104,8 @@ class DeviceBatch:
         self.entropy = like.new_empty((*lead, 1))
         self.out = like.new_empty((*lead, rows.value.shape[-1]))
         self.keep = like.new_empty((*lead, keep_index.shape[-1]))
+        # the keep-set's values, of layers that take them from the float32 copy made for p.V
+        self.keep_values = like.new_empty((*lead[:-1], keep_index.shape[-1], rows.value.shape[-1]))
         self.top = like.new_empty((*lead, min(max(spec.top_k), keys)))
         self.before = torch.empty((*lead, 1), dtype=torch.int64, device=like.device)
         # a maximum of 0 and a total of 1 for every layer
@@ -148,30 +154,46 @@ class DeviceBatch:
         for queued, keep in zip(pending, self.keep[taken], strict=True):
             mask_keep_logits(queued.rows, keep)  # in place, where anything is masked
         sorted_counts(weights, self.goal, self.top[taken], self.before[taken])
-        for queued, probabilities, out in zip(pending, padded, self.out[taken], strict=True):
-            if queued.rows.output is None:
-                _weighted_values(queued.rows, probabilities, out, self.scratch)
+        # p.V, per layer (it reads the layer's values), summed over key blocks for all at once
+        wanted = [i for i, queued in enumerate(pending) if queued.rows.output is None]
+        if not wanted:
+            return
+        d = self.out.shape[-1]
+        parts = padded.new_empty((count, n, kv_heads, padded.shape[-1] // SPLIT_KEYS, group, d))
+        for i in wanted:
+            self._weighted_values(pending[i].rows, padded[i], parts[i], taken.start + i)
+        if len(wanted) == count:
+            torch.sum(parts, -3, out=self.out[taken])
+        else:
+            for i in wanted:
+                torch.sum(parts[i], -3, out=self.out[taken.start + i])
+
+    def _weighted_values(
+        self, rows: RowInputs, probabilities: torch.Tensor, parts: torch.Tensor, slot: int
+    ) -> None:
+        """Write the per-block products of p.V of one layer into `parts`.
+
+        probabilities: (n, kv_heads, group, keys padded to whole blocks), zero past the last key.
+        The values are upcast into a buffer of the same padding (zeros past the last key), shared
+        by the layers of a pass, so that the split product needs no further copy; the keep-set's
+        values are taken from it where `_keep_values_from_copy`.
+        """
+        keys = rows.key.shape[2]
+        value = gather_keys(rows.value, rows.batch_index, 0, keys)
+        upcast = padded_buffer(
+            self.scratch, "values", probabilities.device, value.shape[:2], keys, value.shape[-1]
+        )
+        upcast[..., :keys, :].copy_(value)
+        split_parts(probabilities, upcast, out=parts)
+        if _keep_values_from_copy(rows):
+            index = rows.keep_index[0]
+            torch.index_select(upcast[..., :keys, :], 2, index, out=self.keep_values[slot])
 
 
-def _weighted_values(
-    rows: RowInputs,
-    probabilities: torch.Tensor,
-    out: torch.Tensor,
-    scratch: dict[tuple[object, ...], object],
-) -> None:
-    """Write p.V of one layer into `out`, (n, kv_heads, group, d).
-
-    probabilities: (n, kv_heads, group, keys padded to whole blocks), zero past the last key. The
-    values are upcast into a buffer of the same padding (zeros past the last key), shared by the
-    layers of a pass, so that the split product needs no further copy.
-    """
-    keys = rows.key.shape[2]
-    value = gather_keys(rows.value, rows.batch_index, 0, keys)
-    upcast = padded_buffer(
-        scratch, "values", probabilities.device, value.shape[:2], keys, value.shape[-1]
-    )
-    upcast[..., :keys, :].copy_(value)
-    split_product(probabilities, upcast, out=out)
+def _keep_values_from_copy(rows: RowInputs) -> bool:
+    """Whether a layer's keep-set values come from the float32 copy of its values made for p.V
+    (one row of a one-entry cache: one gather, no upcast of its own)."""
+    return rows.output is None and rows.keep_index.shape[0] == 1 and rows.value.shape[0] == 1
 
 
 def sorted_counts(

@@ -159,17 +159,25 @@ def weighted_values(
     return out, upcast[..., :keys, :]
 
 
-def split_product(
-    weights: torch.Tensor, values: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def split_product(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Return weights @ values summed over blocks of `SPLIT_KEYS` keys (padded to whole blocks).
 
-    weights: (n, kv_heads, group, keys); values: (n or 1, kv_heads, keys, d), both float32;
-    out: where to write the (n, kv_heads, group, d) result, or None for a new tensor.
+    weights: (n, kv_heads, group, keys); values: (n or 1, kv_heads, keys, d), both float32.
+    """
+    return split_parts(weights, values).sum(-3)
+
+
+def split_parts(
+    weights: torch.Tensor, values: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Return the products of `split_product` per block, (n, kv_heads, blocks, group, d), unsummed.
+
+    out: where to write them, or None for a new tensor (the caller sums them, several layers
+    at once).
     """
     blocks = weights.shape[-1] // SPLIT_KEYS
-    parts = torch.matmul(
+    return torch.matmul(
         weights.unflatten(-1, (blocks, SPLIT_KEYS)).transpose(-2, -3),
         values.unflatten(-2, (blocks, SPLIT_KEYS)),
-    )  # (n, kv_heads, blocks, group, d)
-    return torch.sum(parts, -3, out=out)
+        out=out,
+    )

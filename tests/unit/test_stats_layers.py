@@ -292,6 +292,21 @@ def test_layers_of_one_batch_with_their_own_keep_sets(stats_path: str) -> None:
         assert_matches(got, direct(rows, 0.25))
 
 
+def test_a_batch_of_layers_with_and_without_the_kernels_output(stats_path: str) -> None:
+    """Layers given the kernel's float32 output skip p.V; their batch-mates still compute it."""
+    shared: dict[tuple[object, ...], object] = {}
+    layers = [dataclasses.replace(make_rows(2600, MIXED, seed=s), scratch=shared) for s in range(3)]
+    given = layers[1]
+    logits = torch.einsum("nkgd,nkjd->nkgj", given.query, given.key[given.batch_index]) * 0.25
+    weights = torch.softmax(logits + given.bias[:, None, None, :], -1)
+    output = torch.einsum("nkgj,nkjd->nkgd", weights, given.value[given.batch_index])
+    layers[1] = dataclasses.replace(given, output=output)
+    spec = StatsSpec()
+    results = finish([layer_pass(rows, 0.25, spec) for rows in layers], spec)
+    for rows, got in zip(layers, results, strict=True):
+        assert_matches(got, direct(rows, 0.25))
+
+
 @pytest.mark.parametrize("budget, calls", [(1, 5), (16 << 20, 2)], ids=["each-alone", "one-batch"])
 def test_cpu_selections_of_a_pass_are_taken_together(
     stats_path: str, budget: int, calls: int, monkeypatch: pytest.MonkeyPatch
