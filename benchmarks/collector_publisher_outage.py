@@ -17,8 +17,6 @@ publisher's memory.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 import tempfile
 import threading
@@ -64,78 +62,6 @@ def synthetic_messages(count: int) -> list[Any]:
     return out
 
 
-class Broker:
-    """A broker of this benchmark alone on a fixed port; restarts reuse its storage."""
-
-    def __init__(self, run_dir: Path) -> None:
-        from headwatch.localstack.paths import find_paths
-        from headwatch.localstack.ports import choose_port
-        from headwatch.localstack.settings import StackSettings
-
-        self.run_dir = run_dir
-        port = choose_port(0, strict=False, taken=set())
-        self.settings = StackSettings(
-            kafka_port=port,
-            kafka_controller_port=choose_port(0, strict=False, taken={port}),
-            strict_ports=True,
-        )
-        self.paths = find_paths(self.settings.cache_dir)
-        self.process: Any = None
-        self.started_once = False
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.settings.kafka_port}"
-
-    def start(self) -> None:
-        from headwatch.localstack.kafka import (
-            BROKER_CLASS,
-            broker_answers,
-            java_command,
-            start_kafka,
-        )
-        from headwatch.localstack.kafka_fetch import fetch_kafka
-        from headwatch.localstack.process import spawn
-        from headwatch.localstack.readiness import wait_ready
-        from headwatch.localstack.tools import require_java
-
-        if not self.started_once:
-            broker = start_kafka(
-                fetch_kafka(self.paths),
-                require_java(),
-                self.paths,
-                self.run_dir,
-                self.settings,
-                die_with_parent=True,
-            )
-            self.process, self.started_once = broker.process, True
-            return
-        kafka_dir = self.run_dir / "kafka"
-        argv = java_command(
-            require_java(), fetch_kafka(self.paths), self.paths.deploy_dir / "log4j2.properties",
-            self.settings.kafka_heap, BROKER_CLASS, str(kafka_dir / "server.properties"),
-        )  # fmt: skip
-        self.process = spawn(
-            "kafka", argv, kafka_dir / "kafka.log", cwd=kafka_dir, die_with_parent=True
-        )
-        wait_ready(
-            self.process,
-            lambda: broker_answers(self.bootstrap),
-            self.settings.start_timeout_seconds,
-        )
-
-    def kill(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
-        if self.process.popen is not None:
-            self.process.popen.wait(30)
-
-    def stop(self) -> None:
-        from headwatch.localstack.process import stop
-
-        if self.process is not None:
-            stop(self.process, 20)
-
-
 def wait_for(predicate: Any, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -160,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     from collector.settings import KafkaSettings
 
     pool = synthetic_messages(64)
-    broker = Broker(Path(tempfile.mkdtemp(prefix="headwatch-outage-")))
+    from headwatch.localstack.own_broker import OwnBroker
+    from headwatch.localstack.paths import find_paths
+    from headwatch.localstack.settings import StackSettings
+
+    run_dir = Path(tempfile.mkdtemp(prefix="headwatch-outage-"))
+    broker = OwnBroker(find_paths(StackSettings().cache_dir), run_dir)
     broker.start()
     metrics = CollectorMetrics()
     settings = KafkaSettings(

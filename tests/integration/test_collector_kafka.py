@@ -4,13 +4,10 @@ publish() never blocks, drops are counted, memory stays under the cap, publishin
 from __future__ import annotations
 
 import gc
-import os
-import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,81 +15,18 @@ from collector.metrics import CollectorMetrics
 from collector.publish import KafkaSink
 from collector.schema import HeadStatsMessage
 from collector.settings import KafkaSettings
-from headwatch.localstack.kafka import (
-    BROKER_CLASS,
-    KafkaBroker,
-    broker_answers,
-    java_command,
-    start_kafka,
-)
-from headwatch.localstack.kafka_fetch import fetch_kafka
+from headwatch.localstack.own_broker import OwnBroker
 from headwatch.localstack.paths import StackPaths
-from headwatch.localstack.ports import choose_port
-from headwatch.localstack.process import spawn, stop
-from headwatch.localstack.readiness import wait_ready
-from headwatch.localstack.settings import StackSettings
-from headwatch.localstack.tools import require_java
 from tests.helpers import open_sockets, wait_until
 from tests.unit.test_schema import message
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-class OwnBroker:
-    """A broker of this test alone (the session's shared one must not be killed), on a fixed port."""
-
-    def __init__(self, paths: StackPaths, run_dir: Path) -> None:
-        self.paths = paths
-        self.run_dir = run_dir
-        port = choose_port(0, strict=False, taken=set())
-        self.settings = StackSettings(
-            kafka_port=port, kafka_controller_port=choose_port(0, strict=False, taken={port}),
-            strict_ports=True, kafka_heap="384m",
-        )  # fmt: skip
-        self.broker: KafkaBroker | None = None
-        self.process: Any = None
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.settings.kafka_port}"
-
-    def start(self) -> None:
-        """First start formats the storage; later starts reuse it, as a restarted broker does."""
-        if self.broker is None:
-            self.broker = start_kafka(
-                fetch_kafka(self.paths), require_java(), self.paths, self.run_dir, self.settings,
-                die_with_parent=True,
-            )  # fmt: skip
-            self.process = self.broker.process
-            return
-        kafka_dir = self.run_dir / "kafka"
-        argv = java_command(
-            require_java(), fetch_kafka(self.paths), self.paths.deploy_dir / "log4j2.properties",
-            self.settings.kafka_heap, BROKER_CLASS, str(kafka_dir / "server.properties"),
-        )  # fmt: skip
-        self.process = spawn(
-            "kafka", argv, kafka_dir / "kafka.log", cwd=kafka_dir, die_with_parent=True
-        )
-        wait_ready(
-            self.process,
-            lambda: broker_answers(self.bootstrap),
-            self.settings.start_timeout_seconds,
-        )
-
-    def kill(self) -> None:
-        """SIGKILL the broker's process group: no clean shutdown, as in a crash."""
-        os.killpg(self.process.pid, signal.SIGKILL)
-        if self.process.popen is not None:
-            self.process.popen.wait(30)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop(self.process, 20)
-
-
 @pytest.fixture(name="own_broker")
 def fixture_own_broker(stack_paths: StackPaths, tmp_path: Path) -> Iterator[OwnBroker]:
-    broker = OwnBroker(stack_paths, tmp_path)
+    """A broker of this test alone (the session's shared one must not be killed)."""
+    broker = OwnBroker(stack_paths, tmp_path, kafka_heap="384m")
     try:
         yield broker
     finally:
