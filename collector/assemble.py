@@ -97,6 +97,7 @@ def assemble(plan: PassPlan, identity: Identity, layout: Layout) -> list[HeadSta
     else:
         return []
     skipped = count < layout.num_layers
+    mass_rows = slice(names.index("sink_mass"), names.index("keys_for_90pct"))
     middle = _middle_indices(plan, layout, heads) if layout.middle_keys else None
     messages = []
     now = time.time()
@@ -106,7 +107,6 @@ def assemble(plan: PassPlan, identity: Identity, layout: Layout) -> list[HeadSta
         visible = [0] * layout.num_layers
         for j, layer in enumerate(layers):
             visible[layer] = int(visible_host[j, i])
-        stats = dict(zip(names, table, strict=True))
         flags: list[str] = []
         measured = np.array([v > 0 for v in visible])
         if any(visible[layer] == 0 for layer in layers):
@@ -146,10 +146,10 @@ def assemble(plan: PassPlan, identity: Identity, layout: Layout) -> list[HeadSta
             top_middle_positions=positions,
         )
         # Clip float noise at the domain edges (a mass of 1 + 1e-7, an entropy of -1e-8).
-        masses = [j for j, n in enumerate(names) if n.endswith("_mass")]
         np.maximum(table, 0.0, out=table)
-        table[masses] = np.minimum(table[masses], 1.0)
-        messages.append(HeadStatsMessage.build(header, stats))
+        masses = table[mass_rows]  # a view: the masses are contiguous in wire order
+        np.minimum(masses, 1.0, out=masses)
+        messages.append(HeadStatsMessage.from_table(header, table))
     return messages
 
 

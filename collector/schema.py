@@ -18,6 +18,7 @@ This module and the codec import pydantic and numpy only: the exporter imports t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -88,6 +89,11 @@ def quantum_of(stat: str) -> float:
 
 def core_stat_names(top_k: tuple[int, ...] = DEFAULT_TOP_K) -> tuple[str, ...]:
     """Return the statistics every message carries, in wire order (middle mass is derived)."""
+    return _core_stat_names(tuple(top_k))
+
+
+@functools.lru_cache(maxsize=64)  # once per top-k set: the collector asks on every sampled pass
+def _core_stat_names(top_k: tuple[int, ...]) -> tuple[str, ...]:
     return (
         "entropy_nats",
         "sink_mass",
@@ -235,9 +241,19 @@ class HeadStatsMessage(BaseModel):
         for n, a in zip(names, arrays, strict=True):
             if a.shape != shape:
                 raise SchemaError("shape", f"{n} must have shape {shape}, got {a.shape}")
-        values = np.stack(arrays) if arrays else np.zeros((0, *shape))
+        return cls.from_table(header, np.stack(arrays) if arrays else np.zeros((0, *shape)))
+
+    @classmethod
+    def from_table(cls, header: MessageHeader, values: np.ndarray) -> HeadStatsMessage:
+        """`build` from one float64 array (stats, layers, heads) in `header.stat_names` order.
+
+        What the collector assembles (no dict to split and stack again).
+        """
+        expected = (len(header.stat_names), header.num_layers, header.num_query_heads)
+        if values.shape != expected:
+            raise SchemaError("shape", f"statistics must have shape {expected}, got {values.shape}")
         valid = np.asarray(np.isfinite(values).all(axis=0))
-        return cls._from_parts(header, codec.quantize(names, values, valid), valid)
+        return cls._from_parts(header, codec.quantize(header.stat_names, values, valid), valid)
 
     @classmethod
     def _from_parts(

@@ -49,6 +49,14 @@ def test_round_trip() -> None:
     assert original.stat("middle_mass").shape == (2, 4)
 
 
+def test_a_message_from_one_table_equals_one_built_from_named_arrays() -> None:
+    built = message()
+    values = np.stack([built.stat(name) for name in built.header.stat_names])
+    assert HeadStatsMessage.from_table(built.header, values) == built
+    with pytest.raises(SchemaError, match=r"shape \(8, 2, 4\), got \(7, 2, 4\)"):
+        HeadStatsMessage.from_table(built.header, values[1:])
+
+
 def test_committed_json_schema_is_up_to_date() -> None:
     assert json.loads(SCHEMA_FILE.read_text()) == json_schema(), (
         "regenerate with: python -m collector.write_schema"
