@@ -5,16 +5,19 @@ Usage:
 
 On a GPU a serving process launches its kernels one by one from Python: up to 16K keys the
 launches, not the arithmetic, set the cost of a decode step and of the collector's work on it
-(the H100 profiles in the README). This script counts them where no GPU is at hand: it forces
+(the H100 profiles in the README). This script counts them where no GPU is at hand. It forces
 the statistics onto their device path (`collector.topk.on_host` answers no, as on a GPU) and
-counts, with a torch dispatch mode, the aten operations other than views of a plain decode step
-and of the same step with its row measured, by where they run: the pass's inputs
-(`layer_inputs`), the layers (`layer_pass`), `finish` (with the batches it flushes) and message
-assembly. Views launch nothing and are left out. On the CPU, 16-bit q.k takes float32 copies
-that CUDA does not (`collector.stats.products._bmm_float32`): two operations per layer that a
-GPU does not launch, counted here and reported as `cpu_only_per_layer`. A small model of the
-geometry's layer and head counts is used (hidden 512, heads of 16): the counts do not depend on
-sizes. Counts only: no timing, nothing a CPU says about a GPU's seconds.
+counts, with a torch dispatch mode, the aten operations of a plain decode step and of the same
+step with its row measured, by where they run: the pass's inputs (`layer_inputs`), the layers
+(`layer_pass`), `finish` (with the batches it flushes) and message assembly. Views, and
+conversions that return their input, launch nothing and are left out.
+
+Where the CPU differs from CUDA: 16-bit q.k takes float32 copies on the CPU
+(`collector.stats.products._bmm_float32`), two operations per layer that CUDA does not launch
+(subtracted in `collector_ops_on_cuda`); on CUDA a pass copies 5 small index tensors to the
+device, which the CPU does not (not counted). A small model of the geometry's layer and head
+counts is used (hidden 512, heads of 16): the counts do not depend on sizes. Counts only: no
+timing, nothing a CPU says about a GPU's seconds.
 """
 
 from __future__ import annotations
@@ -69,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            if str(func) not in VIEWS:
+            result = func(*args, **(kwargs or {}))
+            # a conversion to what the tensor already is returns it: nothing launched
+            if str(func) not in VIEWS and not (args and result is args[0]):
                 counts[stage[-1]] += 1
-            return func(*args, **(kwargs or {}))
+            return result
 
     def counted(name: str) -> None:
         inner = getattr(runtime, name)
