@@ -46,6 +46,10 @@ VIEWS = frozenset(
         "aten.resolve_conj.default", "aten.resolve_neg.default",
     }
 )  # fmt: skip
+# Conversions, which return their input when it already has the dtype and device asked for.
+CONVERSIONS = frozenset(
+    {"aten.to.dtype", "aten.to.dtype_layout", "aten.to.device", "aten.to.other"}
+)
 STAGES = ("layer_inputs", "layer_pass", "finish_stacked", "assemble")
 
 
@@ -73,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
             result = func(*args, **(kwargs or {}))
+            name = str(func)
             # a conversion to what the tensor already is returns it: nothing launched
-            if str(func) not in VIEWS and not (args and result is args[0]):
+            converted_nothing = name in CONVERSIONS and args and result is args[0]
+            if name not in VIEWS and not converted_nothing:
                 counts[stage[-1]] += 1
             return result
 
