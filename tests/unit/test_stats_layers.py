@@ -251,6 +251,64 @@ def sorts_in(run: Callable[[], object]) -> int:
     return Count.sorts
 
 
+# What launches no kernel: views, and conversions (on the CPU, 16-bit q.k takes float32 copies
+# that a GPU does not; `_bmm_float32`).
+NO_KERNEL = {
+    "alias", "as_strided", "detach", "expand", "permute", "reshape", "select", "slice", "squeeze",
+    "t", "transpose", "unbind", "unflatten", "unsqueeze", "view", "_unsafe_view", "to",
+}  # fmt: skip
+
+
+def kernels_in(run: Callable[[], object]) -> int:
+    """How many aten operations `run` calls that would launch a kernel on a GPU."""
+
+    class Count(TorchDispatchMode):
+        kernels = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func.overloadpacket.__name__ not in NO_KERNEL:
+                Count.kernels += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        run()
+    return Count.kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_layer_of_a_decode_step_launches_five_kernels_on_a_device(
+    stats_path: str, dtype: torch.dtype
+) -> None:
+    """On the device path a layer launches its q.k and scaling, its values' float32 copy, p.V and
+    its keep-set's values; everything else runs once per batch of layers (`DeviceBatch`). Rows
+    as the hook gives them in a decode step: one row, nothing masked, visible keys counted."""
+    base = make_rows(5000, MIXED, rows=1)
+    base = dataclasses.replace(
+        to_16bit(base, dtype) if dtype != torch.float32 else base,
+        key=base.key[2:].to(dtype), value=base.value[2:].to(dtype),
+        batch_index=torch.zeros(1, dtype=torch.long), bias_is_zero=True, keep_all_valid=True,
+        visible=torch.full((1,), 5000),
+    )  # fmt: skip
+
+    if stats_path != "torch":
+        pytest.skip("the device path's count (the CPU's path launches no kernels)")
+
+    def pass_of(layers: int) -> Callable[[], object]:
+        shared: dict[tuple[object, ...], object] = {}
+        rows = [dataclasses.replace(base, scratch=shared) for _ in range(layers)]
+        spec = StatsSpec()
+
+        def run() -> object:
+            with torch.inference_mode():  # as the hook runs it
+                return finish([layer_pass(r, 0.25, spec) for r in rows], spec)
+
+        return run
+
+    pass_of(1)()  # first use: a backend without float32-output products is found once
+    per_layer = (kernels_in(pass_of(8)) - kernels_in(pass_of(4))) / 4
+    assert per_layer == 5
+
+
 @pytest.mark.parametrize("capacity", [1, 2, 256], ids=["each-alone", "batches-of-two", "one-batch"])
 def test_layers_sorted_in_batches_equal_the_direct_computation(
     stats_path: str, capacity: int
