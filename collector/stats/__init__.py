@@ -18,11 +18,11 @@ The package, in reading order:
 - `device`: `device_pass`, taken on a device by a layer whose keys fit one chunk (up to 72K keys
   by default) and that has no learned sink logits. A serving process launches the kernels one by
   one from Python, so their number is the cost: a layer launches its q.k (16-bit keys multiplied
-  as they are into float32, then scaled), the float32 copy of its values, its p.V (split over
-  blocks of keys) and its keep-set's values, 5 kernels with 16-bit keys and no host sync; the
-  log-softmax, the entropy, the keep-set's logits, the sort that gives the top-k and
-  `keys_for_90pct` and the sum of p.V's blocks run once for several layers (`DeviceBatch`, up
-  to `StatsSpec.device_batch_bytes` of their logits);
+  as they are into float32), the float32 copy of its values, its p.V (split over blocks of keys)
+  and its keep-set's values, 4 kernels and no host sync; the scaling, the log-softmax, the
+  entropy, the keep-set's logits, the sort that gives the top-k and `keys_for_90pct` and the sum
+  of p.V's blocks run once for several layers (`DeviceBatch`, up to
+  `StatsSpec.device_batch_bytes` of their logits);
 - `host`: `HostSelection`, where the CPU's one-chunk layers of a pass wait to have their top-k
   and `keys_for_90pct` selected together;
 - `finish`: everything that needs no key, for all layers of a pass at once.

@@ -1,8 +1,9 @@
 """`device_pass`: a device's one-chunk layers, batched, so that per layer only its products run.
 
 A layer computes its logits (q.k) and queues them in the pass's `DeviceBatch` for its shape.
-The batch does the rest for all its layers at once (log-softmax, probabilities, entropy, the
-keep-set's logits, the sort that gives the top-k and `keys_for_90pct`), then p.V layer by layer.
+The batch does the rest for all its layers at once (scaling, log-softmax, probabilities, entropy,
+the keep-set's logits, the sort that gives the top-k and `keys_for_90pct`), then p.V layer by
+layer.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ def device_pass(rows: RowInputs, logits_of: Logits, spec: StatsSpec) -> LayerPar
 
     A serving process launches kernels one by one from Python, so their number sets the cost
     (on an H100 the launch, not the arithmetic, is most of a layer's time up to 16K keys). Here
-    a layer launches its q.k (16-bit keys multiplied as they are into float32) and its scaling;
-    later, in its batch, the float32 copy of its values, its p.V and the gather of its
-    keep-set's values from that copy: 5 kernels. Everything else is one set of kernels per
-    `DeviceBatch`.
+    a layer launches its q.k (16-bit keys multiplied as they are into float32); later, in its
+    batch, the float32 copy of its values, its p.V and the gather of its keep-set's values from
+    that copy: 4 kernels (with a bias or soft-capping, their own few more). Everything else is
+    one set of kernels per `DeviceBatch`.
 
     Log-probabilities come from one fused log-softmax, so that everything is relative to the
     log-sum-exp: `high` is 0 and `total` is 1 (their sum differs from 1 by float32 rounding,
@@ -39,14 +40,16 @@ def device_pass(rows: RowInputs, logits_of: Logits, spec: StatsSpec) -> LayerPar
     """
     keys = rows.key.shape[2]
     scratch = {} if rows.scratch is None else rows.scratch
-    logits = logits_of(0, keys)
+    # Plain logits are scaled in the batch, for all its layers at once (the largest middle keys
+    # are the same before the scaling).
+    logits = logits_of.unscaled(0, keys) if logits_of.plain else logits_of(0, keys)
     middle = largest_middle(logits, rows, 0, spec.middle_keys, None) if spec.middle_keys else None
     # layers of one shape share a batch (keep-set width and value width included)
     name = ("device batch", *logits.shape, rows.keep_index.shape[-1], rows.value.shape[-1])
     batch = scratch.get((*name, logits.device))
     if batch is None or batch.full:
         batch = scratch[(*name, logits.device)] = DeviceBatch(rows, logits, scratch, spec)
-    slot = batch.add(rows, logits)
+    slot = batch.add(rows, logits, logits_of.scaling if logits_of.plain else None)
     if _keep_values_from_copy(rows):
         keep_values = batch.keep_values[slot]
     else:
@@ -65,6 +68,7 @@ class _Queued(NamedTuple):
 
     rows: RowInputs
     logits: torch.Tensor  # (n, kv_heads, group, keys) float32, masked keys at MASKED_LOGIT
+    scaling: float | None  # what the logits are still to be multiplied by; None: nothing
 
 
 class DeviceBatch:
@@ -119,11 +123,12 @@ class DeviceBatch:
         """Whether every slot has been handed out (a new batch takes the next layers)."""
         return self.used == self.capacity
 
-    def add(self, rows: RowInputs, logits: torch.Tensor) -> int:
-        """Queue one layer's logits; return its slot in the batch's tensors (filled by `flush`)."""
+    def add(self, rows: RowInputs, logits: torch.Tensor, scaling: float | None = None) -> int:
+        """Queue one layer's logits, still to be multiplied by `scaling` unless it is None;
+        return the layer's slot in the batch's tensors (filled by `flush`)."""
         slot = self.used
         self.used += 1
-        self.pending.append(_Queued(rows, logits))
+        self.pending.append(_Queued(rows, logits, scaling))
         if self.full:
             self.flush()
         return slot
@@ -135,7 +140,7 @@ class DeviceBatch:
         pending, self.pending = self.pending, []
         taken = slice(self.used - len(pending), self.used)
         count, (n, kv_heads, group, keys) = len(pending), pending[0].logits.shape
-        log_p = torch.log_softmax(torch.stack([q.logits for q in pending]), dim=-1)
+        log_p = torch.log_softmax(self._scaled(pending), dim=-1)
         # the probabilities, padded with zeros to whole blocks of keys for the split p.V
         padded = padded_buffer(
             self.scratch, "probabilities", log_p.device, log_p.shape[:-1], keys, None
@@ -167,6 +172,19 @@ class DeviceBatch:
         else:
             for i in wanted:
                 torch.sum(parts[i], -3, out=self.out[taken.start + i])
+
+    @staticmethod
+    def _scaled(pending: list[_Queued]) -> torch.Tensor:
+        """The queued layers' logits, stacked and scaled: one multiplication when they share it."""
+        stacked = torch.stack([queued.logits for queued in pending])
+        scalings = {queued.scaling for queued in pending}
+        if len(scalings) == 1:
+            (scaling,) = scalings
+            return stacked if scaling is None else stacked.mul_(scaling)
+        for queued, logits in zip(pending, stacked, strict=True):
+            if queued.scaling is not None:
+                logits.mul_(queued.scaling)
+        return stacked
 
     def _weighted_values(
         self, rows: RowInputs, probabilities: torch.Tensor, parts: torch.Tensor, slot: int

@@ -51,12 +51,27 @@ class Logits:
             self._query = self.rows.query.float() * self.scaling
         return self._query
 
-    def __call__(self, start: int, stop: int) -> torch.Tensor:
-        """Return (n, kv_heads, group, stop - start) float32 logits as the kernel computes them."""
+    @property
+    def plain(self) -> bool:
+        """Whether the logits are the scaled product alone (no bias, no soft-capping)."""
+        return self.bias is None and self.softcap is None
+
+    def unscaled(self, start: int, stop: int) -> torch.Tensor:
+        """Return (n, kv_heads, group, stop - start) float32 q.k, not yet times the scaling.
+
+        Only for `plain` logits: the caller scales them (several layers' at once).
+        """
         key = gather_keys(self.rows.key, self.rows.batch_index, start, stop)
         if self.mixed:
-            logits = _mixed_logits(self.rows.query, key).mul_(self.scaling)
+            return _mixed_logits(self.rows.query, key)
+        return torch.matmul(self.rows.query.float(), key.float().transpose(-1, -2))
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        """Return (n, kv_heads, group, stop - start) float32 logits as the kernel computes them."""
+        if self.mixed:
+            logits = self.unscaled(start, stop).mul_(self.scaling)
         else:
+            key = gather_keys(self.rows.key, self.rows.batch_index, start, stop)
             logits = torch.matmul(self.query, key.float().transpose(-1, -2))
         if self.softcap is not None:
             logits = torch.tanh(logits.div_(self.softcap)).mul_(self.softcap)

@@ -251,6 +251,22 @@ def sorts_in(run: Callable[[], object]) -> int:
     return Count.sorts
 
 
+def test_a_batch_of_layers_with_their_own_scalings(stats_path: str) -> None:
+    """Plain logits (no bias, no soft-capping) are scaled in their batch: once when its layers
+    share the scaling, layer by layer when they do not, never twice."""
+    shared: dict[tuple[object, ...], object] = {}
+
+    def layer(seed: int, plain: bool) -> RowInputs:
+        rows = make_rows(2600, MIXED, rows=1, seed=seed)
+        return dataclasses.replace(rows, scratch=shared, bias_is_zero=plain)
+
+    spec = StatsSpec()
+    layers = [(layer(0, True), 0.25), (layer(1, True), 0.125), (layer(2, False), 0.25)]
+    results = finish([layer_pass(rows, scaling, spec) for rows, scaling in layers], spec)
+    for (rows, scaling), got in zip(layers, results, strict=True):
+        assert_matches(got, direct(rows, scaling))
+
+
 # What launches no kernel: views, and conversions (on the CPU, 16-bit q.k takes float32 copies
 # that a GPU does not; `_bmm_float32`).
 NO_KERNEL = {
@@ -276,12 +292,13 @@ def kernels_in(run: Callable[[], object]) -> int:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_a_layer_of_a_decode_step_launches_five_kernels_on_a_device(
+def test_a_layer_of_a_decode_step_launches_four_kernels_on_a_device(
     stats_path: str, dtype: torch.dtype
 ) -> None:
-    """On the device path a layer launches its q.k and scaling, its values' float32 copy, p.V and
-    its keep-set's values; everything else runs once per batch of layers (`DeviceBatch`). Rows
-    as the hook gives them in a decode step: one row, nothing masked, visible keys counted."""
+    """On the device path a layer launches its q.k, its values' float32 copy, p.V and its
+    keep-set's values; everything else (the scaling included) runs once per batch of layers
+    (`DeviceBatch`). Rows as the hook gives them in a decode step: one row, nothing masked,
+    visible keys counted."""
     base = make_rows(5000, MIXED, rows=1)
     base = dataclasses.replace(
         to_16bit(base, dtype) if dtype != torch.float32 else base,
@@ -306,7 +323,7 @@ def test_a_layer_of_a_decode_step_launches_five_kernels_on_a_device(
 
     pass_of(1)()  # first use: a backend without float32-output products is found once
     per_layer = (kernels_in(pass_of(8)) - kernels_in(pass_of(4))) / 4
-    assert per_layer == 5
+    assert per_layer == 4
 
 
 @pytest.mark.parametrize("capacity", [1, 2, 256], ids=["each-alone", "batches-of-two", "one-batch"])
