@@ -99,7 +99,9 @@ class DeviceBatch:
         n, kv_heads, group, keys = like.shape
         keep_index = rows.keep_index
         budget = spec.device_batch_bytes
-        self.capacity = max(1, min(256, budget // max(1, like.numel() * like.element_size())))
+        # whole layers, the nearest count to the budget: a decode step's key counts are one past a
+        # round number (4097), and a floor would leave a layer of an 8B model to a batch alone
+        self.capacity = max(1, min(256, round(budget / max(1, like.numel() * like.element_size()))))
         lead = (self.capacity, n, kv_heads, group)
         self.keep_index = keep_index
         self.scratch = scratch

@@ -43,11 +43,11 @@ class StatsSpec:
     # How many of the largest middle keys (visible, outside the sink+recent keep-set) to report
     # by index; 0 (the default) computes nothing for them.
     middle_keys: int = 0
-    # On a device, the logits of up to this many bytes of one-chunk layers wait to be finished
-    # together (`collector.stats.device.DeviceBatch`: one log-softmax, one sort and so on for
-    # them all); a flush holds about eight times its logits meanwhile. At 16 MiB the 32 layers
-    # of an 8B model (32 query heads) take 2 batches at 4K keys, 5 at 16K and 32 at 64K, where
-    # the GPU's work, not the launches, sets the pace.
+    # On a device, the logits of about this many bytes of one-chunk layers (the nearest whole
+    # number of layers) wait to be finished together (`collector.stats.device.DeviceBatch`: one
+    # log-softmax, one sort and so on for them all); a flush holds about eight times its logits
+    # meanwhile. At 16 MiB the 32 layers of an 8B model (32 query heads) take 1 batch at 4K
+    # keys, 4 at 16K and 16 at 64K, where the GPU's work, not the launches, sets the pace.
     device_batch_bytes: int = 16 << 20
     # On the CPU, the shifted logits and weights of up to this many bytes of one-chunk layers
     # wait to be selected together (`collector.stats.host.HostSelection`): the 4 layers of a
