@@ -77,12 +77,13 @@ class DeviceBatch:
     Each kernel launch costs a few microseconds of host time whatever its size, and a sort a
     few hundred (in the H100 profile: torch's segmented radix sort, its set-up and four passes).
     Layers queue their logits and get views of where their statistics will be; the batch
-    fills them (`flush`) when it holds `budget` bytes of logits, or when `finish` flushes it:
-    one log-softmax, one exp, one entropy product, one keep-set gather and one sort for all its
-    layers, then p.V per layer (it needs the layer's values). Memory: the queued logits, at
-    most `budget` bytes, then about eight times that while they are flushed (their stack, the
-    log-probabilities, the probabilities padded to whole blocks of keys, the sort's values, its
-    int64 indices and float64 running sum), plus one float32 copy of a layer's values at a time.
+    fills them (`flush`) when its slots are taken (about `StatsSpec.device_batch_bytes` of
+    logits), or when `finish` flushes it: one scaling, one log-softmax, one exp, one entropy
+    product, one keep-set gather and one sort for all its layers, then p.V per layer (it needs
+    the layer's values) and one sum of p.V's blocks. Memory: the queued logits, then about
+    eight times that while they are flushed (their stack, the log-probabilities, the
+    probabilities padded to whole blocks of keys, the sort's values, its int64 indices and
+    float64 running sum), plus one float32 copy of a layer's values at a time.
 
     Usage:
         slot = batch.add(rows, logits)   # batch.entropy[slot], .out, .top, .before, .keep: views
@@ -98,10 +99,10 @@ class DeviceBatch:
     ) -> None:
         n, kv_heads, group, keys = like.shape
         keep_index = rows.keep_index
-        budget = spec.device_batch_bytes
         # whole layers, the nearest count to the budget: a decode step's key counts are one past a
         # round number (4097), and a floor would leave a layer of an 8B model to a batch alone
-        self.capacity = max(1, min(256, round(budget / max(1, like.numel() * like.element_size()))))
+        layer_bytes = max(1, like.numel() * like.element_size())
+        self.capacity = max(1, min(256, round(spec.device_batch_bytes / layer_bytes)))
         lead = (self.capacity, n, kv_heads, group)
         self.keep_index = keep_index
         self.scratch = scratch
