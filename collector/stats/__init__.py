@@ -15,6 +15,8 @@ The package, in reading order:
 - `products`: the two products over every key, q.k (`Logits`) and p.V;
 - `keepset`: the sink+recent keep-set and the largest middle keys;
 - `layer`: `layer_pass`, the general path (below);
+- `batch`: `PassBatch`, the base of the two batches below, in which a pass's layers queue work
+  that one flush does later (a failed flush fails the pass: its layers' tensors stay unfilled);
 - `device`: `device_pass`, taken on a device by a layer whose keys fit one chunk (up to 72K keys
   by default) and that has no learned sink logits. A serving process launches the kernels one by
   one from Python, so their number is the cost: a layer launches its q.k (16-bit keys multiplied

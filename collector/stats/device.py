@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from collector.stats.batch import PassBatch
 from collector.stats.inputs import MASS_SLACK, LayerPartial, RowInputs, StatsSpec, visible_keys
 from collector.stats.keepset import (
     gather_keep_values,
@@ -71,7 +72,7 @@ class _Queued(NamedTuple):
     scaling: float | None  # what the logits are still to be multiplied by; None: nothing
 
 
-class DeviceBatch:
+class DeviceBatch(PassBatch):
     """The one-chunk layers of one shape in a pass, on a device: all but their products at once.
 
     Each kernel launch costs a few microseconds of host time whatever its size, and a sort a
@@ -136,7 +137,7 @@ class DeviceBatch:
             self.flush()
         return slot
 
-    def flush(self) -> None:
+    def _flush(self) -> None:
         """Compute what the queued layers wait for; nothing to do when nothing is queued."""
         if not self.pending:
             return

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from collector import topk
+from collector.stats.batch import PassBatch
 from collector.stats.inputs import RowInputs, StatsSpec
 
 
@@ -27,7 +28,7 @@ class _Queued(NamedTuple):
     keys_needed: torch.Tensor
 
 
-class HostSelection:
+class HostSelection(PassBatch):
     """The top-k and `keys_for_90pct` of the one-chunk layers of a pass on the CPU, selected together.
 
     On a few thousand keys per row, inside a serving process, the per-call cost of numpy (one
@@ -71,7 +72,7 @@ class HostSelection:
             self.flush()
         return top, solved, keys_needed
 
-    def flush(self) -> None:
+    def _flush(self) -> None:
         """Select what is queued into the layers' tensors; nothing to do when nothing is queued."""
         by_keys: dict[int, list[_Queued]] = {}
         for layer in self.pending:

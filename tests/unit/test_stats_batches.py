@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from collector import topk
-from collector.stats import RowInputs, StatsSpec, finish, layer_pass
+from collector.stats import RowInputs, StatsSpec, device, finish, layer_pass
 from tests.unit.test_stats_layers import MIXED, assert_matches, direct, make_rows, to_16bit
 
 pytestmark = pytest.mark.usefixtures("stats_path")
@@ -194,3 +194,32 @@ def test_cpu_selections_of_a_pass_are_taken_together(
     assert len(counted_keys) == (calls if stats_path == "numpy" else 0)
     for rows, got in zip(layers, results, strict=True):
         assert_matches(got, direct(rows, 0.25))
+
+
+def test_a_failed_flush_fails_the_pass_instead_of_leaving_statistics_unfilled(
+    stats_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush that fails in the middle of a pass (out of memory, say) leaves the layers it held
+    without statistics: `finish` raises for the pass rather than read what nothing wrote."""
+    shared: dict[tuple[object, ...], object] = {}
+    layers = [dataclasses.replace(make_rows(2600, MIXED, seed=s), scratch=shared) for s in range(3)]
+    layer_bytes = 2 * 8 * 2600 * 4  # rows x heads x keys x float32
+    # two layers fill a batch: the device's holds logits, the CPU's shifted logits and weights
+    spec = StatsSpec(device_batch_bytes=2 * layer_bytes, host_batch_bytes=4 * layer_bytes)
+    where = (device, "sorted_counts") if stats_path == "torch" else (topk, "top_values_host")
+    original = getattr(*where)
+    calls: list[int] = []
+
+    def failing_once(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("out of memory (injected)")
+        return original(*args)
+
+    monkeypatch.setattr(*where, failing_once)
+    first = layer_pass(layers[0], 0.25, spec)
+    with pytest.raises(MemoryError):
+        layer_pass(layers[1], 0.25, spec)  # the batch is full: its flush fails
+    third = layer_pass(layers[2], 0.25, spec)
+    with pytest.raises(RuntimeError, match="an earlier flush of this batch failed"):
+        finish([first, third], spec)
