@@ -23,7 +23,7 @@ The package, in reading order:
   as they are into float32), the float32 copy of its values, its p.V (split over blocks of keys)
   and its keep-set's values, 4 kernels and no host sync; the scaling, the log-softmax, the
   entropy, the keep-set's logits, the sort that gives the top-k and `keys_for_90pct` and the sum
-  of p.V's blocks run once for several layers (`DeviceBatch`, up to
+  of p.V's blocks run once for several layers (`DeviceBatch`, about
   `StatsSpec.device_batch_bytes` of their logits);
 - `host`: `HostSelection`, where the CPU's one-chunk layers of a pass wait to have their top-k
   and `keys_for_90pct` selected together;
