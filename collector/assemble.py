@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from collector import codec
 from collector.plan import PassPlan, RowPlan, key_offset
 from collector.schema import HeadStatsMessage, MessageHeader, core_stat_names
 
@@ -97,7 +98,7 @@ def assemble(plan: PassPlan, identity: Identity, layout: Layout) -> list[HeadSta
     else:
         return []
     skipped = count < layout.num_layers
-    mass_rows = slice(names.index("sink_mass"), names.index("keys_for_90pct"))
+    masses = codec.mass_rows(names)
     middle = _middle_indices(plan, layout, heads) if layout.middle_keys else None
     messages = []
     now = time.time()
@@ -147,8 +148,7 @@ def assemble(plan: PassPlan, identity: Identity, layout: Layout) -> list[HeadSta
         )
         # Clip float noise at the domain edges (a mass of 1 + 1e-7, an entropy of -1e-8).
         np.maximum(table, 0.0, out=table)
-        masses = table[mass_rows]  # a view: the masses are contiguous in wire order
-        np.minimum(masses, 1.0, out=masses)
+        table[masses] = np.minimum(table[masses], 1.0)
         messages.append(HeadStatsMessage.from_table(header, table))
     return messages
 

@@ -214,7 +214,7 @@ def _check_stat_names(names: tuple[str, ...], top_k: tuple[int, ...]) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _mass_rows(names: tuple[str, ...]) -> slice | np.ndarray:
+def mass_rows(names: tuple[str, ...]) -> slice | np.ndarray:
     """Return the rows of the masses: a slice (a view, no copy) when they are contiguous."""
     rows = [i for i, n in enumerate(names) if n.endswith("_mass")]
     if rows == list(range(rows[0], rows[-1] + 1)):
@@ -231,7 +231,7 @@ def _check_ranges(header: schema.MessageHeader, values: np.ndarray, valid: np.nd
     if not valid.any():
         return
     rows = stat_rows(header.stat_names)
-    masses = values[_mass_rows(header.stat_names)]
+    masses = values[mass_rows(header.stat_names)]
     if (masses > 1 + schema.MASS_TOLERANCE).any():
         raise schema.SchemaError("out_of_range", f"a mass of {np.nanmax(masses):g} is above 1")
     if (values[rows["sink_mass"]] + values[rows["recent_mass"]] > 1 + schema.MASS_TOLERANCE).any():

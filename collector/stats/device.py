@@ -46,10 +46,16 @@ def device_pass(rows: RowInputs, logits_of: Logits, spec: StatsSpec) -> LayerPar
     logits = logits_of.unscaled(0, keys) if logits_of.plain else logits_of(0, keys)
     middle = largest_middle(logits, rows, 0, spec.middle_keys, None) if spec.middle_keys else None
     # layers of one shape share a batch (keep-set width and value width included)
-    name = ("device batch", *logits.shape, rows.keep_index.shape[-1], rows.value.shape[-1])
-    batch = scratch.get((*name, logits.device))
+    name = (
+        "device batch",
+        *logits.shape,
+        rows.keep_index.shape[-1],
+        rows.value.shape[-1],
+        logits.device,
+    )
+    batch = scratch.get(name)
     if batch is None or batch.full:
-        batch = scratch[(*name, logits.device)] = DeviceBatch(rows, logits, scratch, spec)
+        batch = scratch[name] = DeviceBatch(rows, logits, scratch, spec)
     slot = batch.add(rows, logits, logits_of.scaling if logits_of.plain else None)
     if _keep_values_from_copy(rows):
         keep_values = batch.keep_values[slot]
