@@ -14,7 +14,7 @@ import torch
 
 from collector import topk
 from collector.schema import core_stat_names
-from collector.stats.inputs import MASS_SLACK, LayerPartial, StatsSpec, pad_stack
+from collector.stats.inputs import MASS_SLACK, LayerPartial, StatsSpec, pad_stack, stack
 from collector.topk import host_view, sorted_descending
 
 
@@ -118,12 +118,12 @@ def _finish_sorted(
     """
     layers = len(partials)
     n, kv_heads, group, _ = partials[0].out.shape
-    entropy = torch.stack([p.entropy_sum for p in partials]).neg_()
-    output = torch.stack([p.out for p in partials])
+    entropy = stack([p.entropy_sum for p in partials]).neg()
+    output = stack([p.out for p in partials])
     cum_top = pad_stack([p.top for p in partials], 0.0).cumsum(-1)
     top_masses = _top_masses(cum_top, spec.top_k)
     counts = [p.keys_needed for p in partials if p.keys_needed is not None]
-    keys_needed = torch.stack(counts).to(torch.float32).add_(1.0)
+    keys_needed = stack(counts).to(torch.float32).add_(1.0)
     keep_logits = pad_stack([p.keep_logits for p in partials], -math.inf)
     sink_mass, recent_mass, eviction = _keep_set(
         partials, keep_logits, torch.exp(keep_logits), output, None

@@ -134,8 +134,31 @@ def visible_keys(rows: RowInputs) -> torch.Tensor:
     return (rows.bias > -math.inf).sum(-1) if rows.visible is None else rows.visible
 
 
+def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.stack(tensors)`, without a copy where they are consecutive slots of one buffer.
+
+    The layers of a `DeviceBatch` leave views of its tensors, slot after slot: their stack is a
+    view of the batch's own tensor (on a device, a kernel less per statistic). The result may
+    share memory with the tensors: never write to it in place.
+    """
+    first = tensors[0]
+    if len(tensors) > 1 and first.is_contiguous() and first.numel():
+        storage = first.untyped_storage().data_ptr()
+        step, offset = first.numel(), first.storage_offset()
+        if all(
+            t.untyped_storage().data_ptr() == storage
+            and t.dtype == first.dtype
+            and t.shape == first.shape
+            and t.is_contiguous()
+            and t.storage_offset() == offset + i * step
+            for i, t in enumerate(tensors)
+        ):
+            return first.as_strided((len(tensors), *first.shape), (step, *first.stride()), offset)
+    return torch.stack(tensors)
+
+
 def pad_stack(tensors: list[torch.Tensor], value: float | bool, dim: int = -1) -> torch.Tensor:
-    """Stack along a new first dim, padding `dim` to the widest with `value`."""
+    """Stack along a new first dim, padding `dim` to the widest with `value` (see `stack`)."""
     width = max(t.shape[dim] for t in tensors)
     if any(t.shape[dim] != width for t in tensors):
         tensors = [
@@ -145,4 +168,4 @@ def pad_stack(tensors: list[torch.Tensor], value: float | bool, dim: int = -1) -
             )
             for t in tensors
         ]
-    return torch.stack(tensors)
+    return stack(tensors)

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from collector import topk
 from collector.stats import RowInputs, StatsSpec, device, finish, layer_pass
+from collector.stats.inputs import stack
 from tests.unit.test_stats_layers import MIXED, assert_matches, direct, make_rows, to_16bit
 
 pytestmark = pytest.mark.usefixtures("stats_path")
@@ -223,3 +224,28 @@ def test_a_failed_flush_fails_the_pass_instead_of_leaving_statistics_unfilled(
     third = layer_pass(layers[2], 0.25, spec)
     with pytest.raises(RuntimeError, match="an earlier flush of this batch failed"):
         finish([first, third], spec)
+
+
+def test_the_slots_of_a_batch_stack_without_a_copy(stats_path: str) -> None:
+    """`stack` of a batch's slots, in order, is a view of the batch's tensor; anything else (slots
+    out of order or skipped, tensors of two buffers, one tensor twice) is copied as torch.stack
+    does. Every form equals torch.stack."""
+    buffer = torch.arange(4 * 3 * 5, dtype=torch.float32).reshape(4, 3, 5)
+    other = buffer.clone()
+    slots = list(buffer.unbind(0))
+    with torch.inference_mode():  # as `finish` runs (views there keep no reference to their base)
+        inference_slots = [buffer[i] for i in range(4)]
+        viewed = stack(inference_slots)
+    assert viewed.data_ptr() == buffer.data_ptr()
+    assert torch.equal(viewed, buffer)
+    assert stack(slots[1:3]).data_ptr() == slots[1].data_ptr()
+    for tensors in (
+        [slots[1], slots[0]],
+        [slots[0], slots[2]],
+        [slots[0], other[1]],
+        [slots[2], slots[2]],
+        [buffer[0, :, :2], buffer[1, :, :2]],  # not contiguous
+    ):
+        stacked = stack(tensors)
+        assert torch.equal(stacked, torch.stack(tensors))
+        assert all(stacked.data_ptr() != t.data_ptr() for t in tensors)
