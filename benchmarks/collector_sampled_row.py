@@ -9,7 +9,8 @@ Both read the whole KV cache once (the floor). The cache is filled with random k
 the plain decode step, the same step with its row measured (all layers), and the collector's own
 `headwatch_collector_stats_seconds` for that row (planning, per-layer statistics, finishing and
 message assembly); ratio = stats seconds / plain decode seconds, step_ratio = (measured step -
-plain step) / plain step, medians of interleaved repeats. Unit-variance random keys give
+plain step) / plain step, medians of interleaved repeats; paired_step_ratio = the median over
+repeats of (measured step - the plain step just before it) / that plain step. Unit-variance random keys give
 near-uniform attention, where `keys_for_90pct` needs its histogram passes: the worst case. `--key-scale 8` spreads the logits
 so that a few keys hold most of the mass (peaked heads, as most trained heads are: the top-k
 answers `keys_for_90pct` and no extra pass runs).
@@ -134,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio": round(row / decode, 3),
                 # what the whole step gained, hooks and allocator effects included
                 "step_ratio": round((statistics.median(measured) - decode) / decode, 3),
+                # the same from each repeat's pair (a plain step, then a measured one)
+                "paired_step_ratio": round(
+                    statistics.median((m - p) / p for m, p in zip(measured, plain, strict=True)), 3
+                ),
             }
             print(context, rows[str(context)], file=sys.stderr)
             del cache
