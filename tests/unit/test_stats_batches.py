@@ -226,6 +226,39 @@ def test_a_failed_flush_fails_the_pass_instead_of_leaving_statistics_unfilled(
         finish([first, third], spec)
 
 
+def test_finish_reads_the_statistics_of_a_one_batch_pass_in_place(stats_path: str) -> None:
+    """On the device path `finish` reads what one `DeviceBatch` filled as views of the batch's
+    tensors: no stack or concatenation copies a slot of them (on a GPU, a kernel each)."""
+    if stats_path != "torch":
+        pytest.skip("the CPU's path has no device batch")
+    shared: dict[tuple[object, ...], object] = {}
+    layers = [dataclasses.replace(make_rows(2600, MIXED, seed=s), scratch=shared) for s in range(4)]
+    spec = StatsSpec()
+    with torch.inference_mode():  # as the hook runs it
+        partials = [layer_pass(rows, 0.25, spec) for rows in layers]
+        batch = partials[0].batch
+        assert isinstance(batch, device.DeviceBatch) and batch.used == len(layers)
+        held = {
+            t.untyped_storage().data_ptr()
+            for t in (batch.entropy, batch.out, batch.top, batch.before, batch.keep)
+        }
+        copied: list[str] = []
+
+        class Copies(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                if func.overloadpacket in (torch.ops.aten.stack, torch.ops.aten.cat):
+                    for tensor in args[0]:
+                        if tensor.untyped_storage().data_ptr() in held:
+                            copied.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        with Copies():
+            results = finish(partials, spec)
+    assert copied == []
+    for rows, got in zip(layers, results, strict=True):
+        assert_matches(got, direct(rows, 0.25))
+
+
 def test_the_slots_of_a_batch_stack_without_a_copy(stats_path: str) -> None:
     """`stack` of a batch's slots, in order, is a view of the batch's tensor; anything else (slots
     out of order or skipped, tensors of two buffers, one tensor twice) is copied as torch.stack
