@@ -126,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     with attach(model, sink=sink, sample_rate=1.0, min_context_tokens=0, decode_every=1):
         step()  # first use: the float32-output product is tried once
         sampled = step()
-    assert len(sink.messages) == 2, "expected both measured steps to give a message"
+    if len(sink.messages) != 2:
+        raise RuntimeError(
+            f"expected both measured steps to give a message, got {len(sink.messages)}"
+        )
     collector_ops = sum(v for k, v in sampled.items() if k != "model")
     cpu_only = 2 if dtype in (torch.bfloat16, torch.float16) else 0
     on_gpu = collector_ops - cpu_only * layers

@@ -125,6 +125,19 @@ def key_offset(total_slots: int, keys: int) -> int:
     return total_slots - keys if keys < total_slots else 0
 
 
+def _row_indices(plan: PassPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the batch entry and the query row of each planned row, (n,) long on `device`
+    (copied once per pass and device)."""
+    indices = plan._index_cache.get(device)
+    if indices is None:
+        indices = (
+            on_device([r.batch_index for r in plan.rows], device),
+            on_device([r.query_row for r in plan.rows], device),
+        )
+        plan._index_cache[device] = indices
+    return indices
+
+
 def _bias_rows(
     plan: PassPlan,
     keys: int,
@@ -135,11 +148,10 @@ def _bias_rows(
 ) -> torch.Tensor:
     """Return (n, keys) float32: 0 (or the model's additive bias) where visible, -inf elsewhere."""
     n = len(plan.rows)
-    batch = on_device([r.batch_index for r in plan.rows], device)
+    batch, rows = _row_indices(plan, device)
     if mask is not None and mask.dim() == 4:
         if mask.shape[-1] < keys:
             raise ValueError(f"expected a mask over {keys} keys, got {tuple(mask.shape)}")
-        rows = on_device([r.query_row for r in plan.rows], device)
         heads = mask[:, 0] if mask.shape[1] >= 1 else mask
         picked = heads[batch if mask.shape[0] > 1 else torch.zeros_like(batch), rows, :keys]
         if picked.dtype == torch.bool:
@@ -223,14 +235,7 @@ def layer_inputs(
     output: what the kernel returned, (batch, q, heads, d), used when it is float32.
     """
     device = query.device
-    indices = plan._index_cache.get(device)
-    if indices is None:
-        indices = (
-            on_device([r.batch_index for r in plan.rows], device),
-            on_device([r.query_row for r in plan.rows], device),
-        )
-        plan._index_cache[device] = indices
-    batch, rows = indices
+    batch, rows = _row_indices(plan, device)
     heads, kv_heads = query.shape[1], key.shape[1]
     if heads % kv_heads:
         raise ValueError(
