@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="headwatch exporter",
         description="Consume head statistics from Kafka and serve Prometheus metrics.",
     )
+    parser.set_defaults(port=None)  # no subcommand means `serve` with its defaults
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="consume and serve /metrics and /healthz (default)")
     serve.add_argument("--port", type=int, help="override HEADWATCH_EXPORTER_HTTP__PORT")

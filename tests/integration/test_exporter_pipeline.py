@@ -203,7 +203,9 @@ def test_reference_survives_restart_and_rebaseline_replaces_it(
         delete_side_topics(kafka_bootstrap, topic)
 
 
-def test_unreachable_broker_at_start_exits_3(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [[], ["serve"]], ids=["default", "serve"])
+def test_unreachable_broker_at_start_exits_3(tmp_path: Path, command: list[str]) -> None:
+    """No subcommand is how the image, compose and Kubernetes start it: the same as `serve`."""
     import subprocess
     import sys
 
@@ -212,7 +214,7 @@ def test_unreachable_broker_at_start_exits_3(tmp_path: Path) -> None:
     replica = ExporterProcess(f"127.0.0.1:{free_port()}", "t", "g", tmp_path,
                               HEADWATCH_EXPORTER_KAFKA__STARTUP_TIMEOUT_SECONDS="3")  # fmt: skip
     done = subprocess.run(
-        [sys.executable, "-m", "exporter", "serve"],
+        [sys.executable, "-m", "exporter", *command],
         env=replica.env,
         capture_output=True,
         text=True,
