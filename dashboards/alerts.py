@@ -58,6 +58,8 @@ def _model_rules(config: GenerateConfig) -> list[AlertRule]:
             "HeadwatchSafeKVHeadBecameUnsafe",
             "max by (model_name, layer, kv_head) (headwatch_kv_head_safe_to_compress) == 0\n"
             "and on (model_name, layer, kv_head)\n"
+            "min by (model_name, layer, kv_head) (headwatch_kv_head_verdict_ready) == 1\n"
+            "and on (model_name, layer, kv_head)\n"
             "max by (model_name, layer, kv_head) "
             f"(max_over_time(headwatch_kv_head_safe_to_compress[{a.safe_head_lost.lookback}])) == 1",
             a.safe_head_lost,

@@ -36,6 +36,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("headwatch_head_drift_since_timestamp_seconds", "gauge", _HEAD),
     # exporter, per KV head and per model
     Metric("headwatch_kv_head_safe_to_compress", "gauge", ("model_name", "layer", "kv_head")),
+    Metric("headwatch_kv_head_verdict_ready", "gauge", ("model_name", "layer", "kv_head")),
     Metric("headwatch_model_kv_heads", "gauge", _MODEL),
     Metric("headwatch_model_kv_heads_safe", "gauge", _MODEL),
     Metric("headwatch_model_kv_reclaimable_bytes", "gauge", _MODEL),
@@ -55,7 +56,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("headwatch_exporter_messages_total", "counter"),
     Metric("headwatch_exporter_invalid_messages_total", "counter", ("reason",)),
     Metric("headwatch_exporter_duplicate_messages_total", "counter"),
+    Metric("headwatch_exporter_stale_messages_total", "counter"),
     Metric("headwatch_exporter_dead_letters_total", "counter"),
+    Metric("headwatch_exporter_writes_abandoned_total", "counter", ("kind",)),
     Metric("headwatch_exporter_consumer_lag_messages", "gauge", ("topic", "partition")),
     Metric("headwatch_exporter_assigned_partitions", "gauge"),
     Metric("headwatch_exporter_last_message_timestamp_seconds", "gauge"),

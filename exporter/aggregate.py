@@ -11,12 +11,16 @@ Not thread-safe: the consumer loop holds a lock around fold and snapshot.
 from __future__ import annotations
 
 import enum
+import logging
 
 from collector.schema import HeadStatsMessage, SchemaError
 from exporter.model_state import AggregatePolicy, ModelState
 from exporter.reference import RebaselineRequest, Reference
 from exporter.samples import to_sample, to_samples
 from exporter.snapshot import ModelSnapshot
+from exporter.window import Sample
+
+logger = logging.getLogger(__name__)
 
 
 class Fold(enum.Enum):
@@ -66,7 +70,7 @@ class Aggregator:
                 if value is None:
                     raise SchemaError("decode", "empty record (tombstone)")
                 msg = HeadStatsMessage.from_bytes(value)
-                self._admit(msg)
+                self._admit(msg, now_wall)
             except SchemaError as exc:
                 outcomes[i] = (exc, None)
                 continue
@@ -74,7 +78,6 @@ class Aggregator:
         for key, items in groups.items():
             state = self._state(items[0][1], partition, now_wall)
             state.partitions.add(partition)
-            state.last_fold_wall = now_wall
             accepted: list[tuple[int, HeadStatsMessage]] = []
             seen: set[str] = set()
             newest = state.window.newest_seconds
@@ -90,8 +93,7 @@ class Aggregator:
                     newest = max(newest, header.timestamp_seconds)
                     seen.add(header.message_id)
                     accepted.append((i, msg))
-            samples = to_samples([m for _, m in accepted], self.policy.patterns)
-            for (i, msg), sample in zip(accepted, samples, strict=True):
+            for (i, msg), sample in self._samples(key, accepted, outcomes):
                 completed = state.fold(msg, sample, replay=replay[i], now_wall=now_wall)
                 outcomes[i] = (Fold.FOLDED, key)
                 if completed is not None:
@@ -99,13 +101,42 @@ class Aggregator:
                     self.new_references.append(completed)
         return outcomes
 
-    def _admit(self, msg: HeadStatsMessage) -> None:
+    def _samples(
+        self,
+        key: str,
+        accepted: list[tuple[int, HeadStatsMessage]],
+        outcomes: list[tuple[Fold | SchemaError, str | None]],
+    ) -> list[tuple[tuple[int, HeadStatsMessage], Sample]]:
+        """Return the samples of a model's accepted messages, computed for the whole group; if
+        that fails (a bug a message triggers), one by one, rejecting only the messages that fail.
+        Nothing is folded before every sample of the group exists, so no message folds twice."""
+        try:
+            samples = to_samples([m for _, m in accepted], self.policy.patterns)
+            return list(zip(accepted, samples, strict=True))
+        except Exception:
+            logger.exception("samples of %s failed as a batch; computing them one by one", key)
+        out = []
+        for item in accepted:
+            try:
+                out.append((item, to_sample(item[1], self.policy.patterns)))
+            except Exception as exc:
+                outcomes[item[0]] = (SchemaError("validation", f"internal error: {exc!r}"), key)
+        return out
+
+    def _admit(self, msg: HeadStatsMessage, now_wall: float) -> None:
         header = msg.header
         cells = header.num_layers * header.num_query_heads
         if cells > self.policy.max_heads_per_model:
             raise SchemaError(
                 "oversized",
                 f"{cells} heads > max_heads_per_model {self.policy.max_heads_per_model}",
+            )
+        ahead = header.timestamp_seconds - now_wall
+        if ahead > self.policy.max_future_seconds:
+            raise SchemaError(
+                "out_of_range",
+                f"timestamp {header.timestamp_seconds:.0f} is {ahead:.0f} s ahead of this "
+                f"replica's clock (max_future_seconds {self.policy.max_future_seconds:g})",
             )
 
     def _state(self, msg: HeadStatsMessage, partition: int, now_wall: float) -> ModelState:
@@ -126,7 +157,7 @@ class Aggregator:
     def fold(self, msg: HeadStatsMessage, *, partition: int, replay: bool, now_wall: float) -> Fold:
         """Fold a valid message; raise SchemaError (reason shape/oversized) if it cannot be."""
         header = msg.header
-        self._admit(msg)
+        self._admit(msg, now_wall)
         key = header.model_key
         fresh = key not in self.models
         state = self._state(msg, partition, now_wall)
@@ -134,7 +165,6 @@ class Aggregator:
             raise SchemaError("shape", f"layout of {key} changed without a new config_hash")
         state.partitions.add(partition)
         if header.message_id in state.window:
-            state.last_fold_wall = now_wall
             return Fold.DUPLICATE
         if header.timestamp_seconds < state.window.newest_seconds - self.policy.horizon_seconds:
             return Fold.STALE

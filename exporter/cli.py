@@ -62,11 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     if command == "settings":
         print(settings.model_dump_json(indent=2))
         return 0
+    from kafka.errors import KafkaError
+
     from exporter.errors import BrokerUnavailableError, ModelNotFoundError
 
     try:
         if command == "rebaseline":
-            return _rebaseline(settings, args.model, args.config_hash)
+            try:
+                return _rebaseline(settings, args.model, args.config_hash)
+            except KafkaError as exc:
+                print(
+                    f"headwatch exporter: re-baseline request not written: {exc!r}", file=sys.stderr
+                )
+                return EXIT_BROKER
         return _serve(settings, args.port)
     except BrokerUnavailableError as exc:
         logger.error("broker unavailable: %s", exc)

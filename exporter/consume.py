@@ -4,7 +4,10 @@ Usage:
     service = ConsumerService(settings.kafka, settings.aggregate_policy())
     service.run(stop_event)  # until stop_event is set; raises BrokerUnavailableError if fatal
 
-Offsets are committed only for messages already folded in (or dead-lettered and flushed).
+Offsets are committed only for messages already folded in (or dead-lettered), and only once every
+record written so far (dead letters, drift references) is acknowledged by the broker
+(exporter.outbox). Counts wait per partition for its commit: a partition lost before its commit
+takes them with it, and its next owner counts those messages.
 When partitions are assigned, state is rebuilt by seeking back `horizon_seconds` by timestamp
 (offsets_for_times) and replaying up to the committed offset: replayed messages rebuild windows
 but are not counted again, so counters continue where the previous owner's commits left them.
@@ -26,11 +29,12 @@ from kafka.structs import OffsetAndMetadata
 from collector.schema import SchemaError
 from exporter.aggregate import Aggregator, Fold
 from exporter.counters import RateLimitedLog, ReplicaCounters
-from exporter.deadletter import send_dead_letter
+from exporter.deadletter import dead_letter
 from exporter.errors import BrokerUnavailableError
 from exporter.kafka_clients import FATAL_ERRORS, ensure_topics, make_group_consumer, make_producer
 from exporter.metrics import ExporterStats
 from exporter.model_state import AggregatePolicy
+from exporter.outbox import Outbox
 from exporter.rebalance import RevocationRecorder, replay_starts
 from exporter.refstore import ReferenceStore
 from exporter.settings import KafkaSettings
@@ -53,6 +57,7 @@ class ConsumerService:
         self._lock = threading.Lock()
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
+        self._outbox: Outbox | None = None
         self._store: ReferenceStore | None = None
         self._listener = RevocationRecorder()
         self._replay_until: dict[TopicPartition, int] = {}
@@ -106,7 +111,8 @@ class ConsumerService:
         consumer = self._require_consumer()
         current = set(consumer.assignment())
         owned = set(self._replay_until)
-        bounced = self._listener.take_revoked() & current & owned
+        revoked = self._listener.revoked()
+        bounced = revoked & current & owned
         moved = {tp for tp in bounced if consumer.committed(tp) != self._committed.get(tp)}
         lost = (owned - current) | moved
         if lost:
@@ -117,6 +123,7 @@ class ConsumerService:
                     self._committed.pop(tp, None)
                     self._next.pop(tp, None)
                     self._pending.pop(tp, None)
+                    self._c.forget(tp)
                     self._c.lag.pop((tp.topic, tp.partition), None)
             logger.info(
                 "partitions %s gone; dropped %d models", sorted(map(str, lost)), len(dropped)
@@ -128,6 +135,7 @@ class ConsumerService:
         new = current - set(self._replay_until)
         if new:
             self._assign(new)
+        self._listener.forget(revoked)  # applied: a failure above leaves them for the next try
         return {
             tp: records
             for tp, records in batches.items()
@@ -159,6 +167,7 @@ class ConsumerService:
         """Consume until `stop` is set; raise BrokerUnavailableError on unrecoverable errors."""
         ensure_topics(self._k)
         self._producer = make_producer(self._k)
+        self._outbox = Outbox(self._producer)
         self._store = ReferenceStore(self._k, self._producer)
         records = self._store.read_all()
         with self._lock:
@@ -181,16 +190,17 @@ class ConsumerService:
                     stop.wait(0.5)
                     continue
                 try:
-                    batches = self._reconcile(batches or {})
+                    ready = self._reconcile(batches or {})
                 except FATAL_ERRORS as exc:
                     raise BrokerUnavailableError(f"consumer: {exc!r}") from exc
                 except KafkaError as exc:
                     self._log_limited("rebalance", "rebalance not applied yet: %r", exc)
+                    self._rewind(batches or {})
                     stop.wait(0.5)
                     continue
-                if batches:
-                    self._fold_batches(batches)
-                    self._commit()
+                if ready:
+                    self._fold_batches(ready)
+                self._commit()
                 self._check_rebuilt()
                 self._sync_references()
                 now = self._clock()
@@ -205,6 +215,15 @@ class ConsumerService:
         finally:
             self.alive = False
             self.close()
+
+    def _rewind(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        """Seek partitions still owned back to their next unfolded offset: the poll moved past
+        records that were not folded, and the next poll must fetch them again."""
+        consumer = self._require_consumer()
+        assigned = consumer.assignment()
+        for tp in batches:
+            if tp in self._next and tp in assigned:
+                consumer.seek(tp, self._next[tp])
 
     def _fold_batches(self, batches: dict[TopicPartition, list[Any]]) -> None:
         now = self._clock()
@@ -238,8 +257,8 @@ class ConsumerService:
                 ):
                     self._account(tp, record, is_replay, outcome, key, now)
             for ref in self.aggregator.take_new_references():
-                if self._store is not None:
-                    self._store.publish(ref)
+                if self._store is not None and self._outbox is not None:
+                    self._outbox.send(self._store.letter(ref))
                 logger.info("new drift reference for %s (%d rows)", ref.model_key, ref.samples)
 
     def _fold_alone(
@@ -267,14 +286,20 @@ class ConsumerService:
         now: float,
     ) -> None:
         if not replay:
-            self._c.messages += 1
+            self._c.of(tp).messages += 1
             self._c.last_message_wall = now
             self._pending[tp] = record.offset + 1
         if isinstance(outcome, SchemaError):
             self._poison(tp, record, outcome.reason, outcome.detail, replay)
             return
         if outcome is Fold.DUPLICATE and not replay:
-            self._c.duplicates += 1
+            self._c.of(tp).duplicates += 1
+        if outcome is Fold.STALE and not replay:
+            self._c.of(tp).stale += 1
+            self._log_limited(
+                "stale", "message at %s[%d]@%d is older than the horizon behind %s's newest; skipped",
+                tp.topic, tp.partition, record.offset, key,
+            )  # fmt: skip
         if key is not None:
             self._touched.add(key)
 
@@ -283,35 +308,17 @@ class ConsumerService:
     ) -> None:
         if replay:
             return  # the previous owner counted and dead-lettered it
-        self._c.invalid[reason] += 1
+        self._c.of(tp).invalid[reason] += 1
         self._log_limited(
             f"invalid:{reason}", "invalid message at %s[%d]@%d (%s): %s",
             tp.topic, tp.partition, record.offset, reason, detail[:200],
         )  # fmt: skip
-        if self._producer is None:
-            return
-        try:
-            send_dead_letter(self._producer, self._k.dead_letter_topic, tp, record, reason, detail)
-            self._c.dead_letters_pending += 1
-        except KafkaError as exc:
-            self._log_limited(
-                "dlq",
-                "dead letter not sent for %s[%d]@%d: %r",
-                tp.topic,
-                tp.partition,
-                record.offset,
-                exc,
-            )
+        if self._outbox is not None:
+            self._outbox.send(dead_letter(self._k.dead_letter_topic, tp, record, reason, detail))
 
     def _commit(self) -> None:
-        if not self._pending or self._consumer is None:
+        if self._consumer is None or not self._settle_outbox() or not self._pending:
             return
-        if self._c.dead_letters_pending and self._producer is not None:
-            try:
-                self._producer.flush(timeout=30)
-            except KafkaError as exc:
-                self._log_limited("flush", "dead letters not flushed; not committing: %r", exc)
-                return
         offsets = {tp: OffsetAndMetadata(o, "", -1) for tp, o in self._pending.items()}
         try:
             self._consumer.commit(offsets=offsets, timeout_ms=10_000)
@@ -322,13 +329,29 @@ class ConsumerService:
             self._log_limited("commit", "commit failed (will retry): %r", exc)
             return
         self._committed.update(self._pending)
-        self._pending.clear()
         with self._lock:
-            self._c.dead_letters += self._c.dead_letters_pending
-            self._c.dead_letters_pending = 0
+            self._c.committed(self._pending)
+            self._pending.clear()
             self.aggregator.publish_counters(self._touched)
             self._touched.clear()
             self._c.publish(len(self._replay_until))
+
+    def _settle_outbox(self) -> bool:
+        """Wait for the records written so far; return whether none is outstanding (then the
+        offsets that produced them may be committed)."""
+        if self._outbox is None or not len(self._outbox):
+            return True
+        settled = self._outbox.settle(timeout_seconds=30)
+        for letter in settled.acknowledged:
+            if letter.kind == "dead_letter" and letter.source in self._replay_until:
+                self._c.of(letter.source).dead_letters += 1
+        for letter in settled.abandoned:
+            self._c.totals.abandoned[letter.kind] += 1
+        if not settled.done:
+            self._log_limited(
+                "outbox", "%d records not acknowledged yet; not committing", len(self._outbox)
+            )
+        return settled.done
 
     def _check_rebuilt(self) -> None:
         if self._rebuild_started is None or self._consumer is None:

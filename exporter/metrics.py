@@ -45,6 +45,7 @@ INVALID_REASONS = (
     "decode", "schema_version", "shape", "non_finite", "out_of_range", "oversized",
     "unknown_stat", "validation",
 )  # fmt: skip
+WRITE_KINDS = ("dead_letter", "reference")  # what the exporter writes to Kafka (exporter.outbox)
 _HEAD_LABELS = ["model_name", "layer", "head", "kv_head"]
 
 # Per-head series in priority order: (metric, help, region label or None, kind). Kind "drift"
@@ -109,7 +110,9 @@ class ExporterStats:
     messages_total: int = 0
     invalid: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
+    stale: int = 0
     dead_letters: int = 0
+    abandoned: dict[str, int] = field(default_factory=dict)
     lag: dict[tuple[str, int], int] = field(default_factory=dict)
     assigned_partitions: int = 0
     last_message_wall: float = 0.0
@@ -195,19 +198,20 @@ class HeadwatchCollector(Collector):
             left -= taken
             active += taken
             self._add_heads(family, model, s, labels, [m & fits for m in in_budget])
-            kv = s.kv_safe.ravel()
-            kv_fam = family(
-                "headwatch_kv_head_safe_to_compress",
-                "1 when every query head of the KV head is safe for sink+recent",
-                ["model_name", "layer", "kv_head"],
-            )
-            kv_heads = s.num_kv_heads
-            if kv.size <= left:
+            for name, doc, values in (
+                ("headwatch_kv_head_safe_to_compress",
+                 "1 when every query head of the KV head is safe for sink+recent", s.kv_safe),
+                ("headwatch_kv_head_verdict_ready",
+                 "1 when every query head of the KV head has the samples a verdict needs", s.kv_ready),
+            ):  # fmt: skip
+                kv_fam = family(name, doc, ["model_name", "layer", "kv_head"])
+                kv, kv_heads = values.ravel(), s.num_kv_heads
+                if kv.size > left:
+                    dropped += kv.size
+                    continue
                 left -= kv.size
                 for i, v in enumerate(kv.tolist()):
                     kv_fam.add_metric([model, str(i // kv_heads), str(i % kv_heads)], float(v))
-            else:
-                dropped += kv.size
         return [*fam.values(), *model_fams.families()], active, dropped
 
     def _add_heads(
@@ -252,10 +256,23 @@ class HeadwatchCollector(Collector):
             value=st.duplicates,
         )
         yield CounterMetricFamily(
+            "headwatch_exporter_stale_messages",
+            "Messages older than the window horizon behind their model's newest, skipped",
+            value=st.stale,
+        )
+        yield CounterMetricFamily(
             "headwatch_exporter_dead_letters",
-            "Messages sent to the dead-letter topic",
+            "Messages sent to the dead-letter topic (acknowledged by the broker)",
             value=st.dead_letters,
         )
+        abandoned = CounterMetricFamily(
+            "headwatch_exporter_writes_abandoned",
+            "Records the broker refused on every attempt, given up, by kind",
+            labels=["kind"],
+        )
+        for kind in WRITE_KINDS:
+            abandoned.add_metric([kind], st.abandoned.get(kind, 0))
+        yield abandoned
         lag = GaugeMetricFamily(
             "headwatch_exporter_consumer_lag_messages",
             "End offset minus consumed position",

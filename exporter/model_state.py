@@ -37,6 +37,7 @@ class AggregatePolicy:
     model_ttl_seconds: float = 900.0
     max_heads_per_model: int = 16384
     evaluate_every_samples: int = 64
+    max_future_seconds: float = 300.0
     patterns: PatternThresholds = field(default_factory=PatternThresholds)
     verdicts: VerdictPolicy = field(default_factory=VerdictPolicy)
     drift: DriftPolicy = field(default_factory=DriftPolicy)
@@ -207,6 +208,9 @@ class ModelState:
             drift_distance=self.drift.distance.copy(),
             drift_since_seconds=self.drift.since_seconds.copy(),
             kv_safe=kv_safe,
+            kv_ready=kv_head_safe(
+                self.window.valid_counts >= self.policy.verdicts.min_samples, num_kv
+            ),
             reclaimable_bytes=reclaimable_bytes(
                 kv_safe,
                 self.window.mean_visible_keys(),

@@ -28,11 +28,15 @@ class RevocationRecorder(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned: Any) -> None:
         return None
 
-    def take_revoked(self) -> set[TopicPartition]:
-        """Return and forget the partitions revoked since the last call."""
+    def revoked(self) -> set[TopicPartition]:
+        """Return the partitions revoked and not yet forgotten."""
         with self._lock:
-            out, self._revoked = self._revoked, set()
-        return out
+            return set(self._revoked)
+
+    def forget(self, partitions: set[TopicPartition]) -> None:
+        """Forget revocations once applied (ones recorded meanwhile stay)."""
+        with self._lock:
+            self._revoked -= partitions
 
 
 def replay_starts(

@@ -3,7 +3,7 @@
 Usage:
     store = ReferenceStore(settings.kafka, producer)
     for record in store.read_all(): aggregator.load(record)
-    store.publish(reference)
+    outbox.send(store.letter(reference))  # acknowledged before the consumer commits
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import time
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
 
 from exporter.errors import ModelNotFoundError, ReferenceRecordError
 from exporter.kafka_clients import make_reader
+from exporter.outbox import Letter
 from exporter.reference import RebaselineRequest, Reference, decode_record
 from exporter.settings import KafkaSettings
 
@@ -79,9 +79,12 @@ class ReferenceStore:
                     )
         return out
 
-    def publish(self, reference: Reference) -> None:
-        """Write a reference (asynchronously; flushed with the consumer's commits)."""
-        self._send(reference.model_key, reference.to_bytes())
+    def letter(self, reference: Reference) -> Letter:
+        """Return the record that stores a reference, for the consumer's outbox."""
+        return Letter(
+            self._k.reference_topic, reference.model_key.encode(), reference.to_bytes(),
+            kind="reference",
+        )  # fmt: skip
 
     def request_rebaseline(self, model_name: str, config_hash: str | None, now: float) -> str:
         """Write a re-baseline request for one identity or every identity of a model name."""
@@ -97,15 +100,11 @@ class ReferenceStore:
                     f"expected a model with a reference in {self._k.reference_topic}, "
                     f"got none named {model_name!r}"
                 )
-        self._send(key, RebaselineRequest(key, now).to_bytes())
-        self._producer.flush(timeout=30)
+        future = self._producer.send(
+            self._k.reference_topic, key=key.encode(), value=RebaselineRequest(key, now).to_bytes()
+        )
+        future.get(timeout=30)  # raises the broker's refusal: a request must not vanish silently
         return key
-
-    def _send(self, key: str, value: bytes) -> None:
-        try:
-            self._producer.send(self._k.reference_topic, key=key.encode(), value=value)
-        except KafkaError as exc:
-            logger.warning("could not write to %s for %s: %r", self._k.reference_topic, key, exc)
 
     def close(self) -> None:
         """Close the reader."""

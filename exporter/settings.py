@@ -10,9 +10,9 @@ Defaults work against the local stack (Kafka on 127.0.0.1:9092).
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from collector.schema import DEAD_LETTER_TOPIC, TOPIC
@@ -81,6 +81,9 @@ class WindowSettings(_Section):
     model_ttl_seconds: Annotated[float, Field(gt=0)] = 900.0
     max_heads_per_model: Annotated[int, Field(ge=1, le=1 << 20)] = 16384
     evaluate_every_samples: Positive = 64
+    # A message stamped further ahead of this replica's clock is rejected (`out_of_range`): one
+    # wrong clock must not push a model's window past every honest message.
+    max_future_seconds: Annotated[float, Field(ge=0)] = 300.0
 
 
 class PatternSettings(_Section):
@@ -145,7 +148,35 @@ class ExporterSettings(BaseSettings):
     verdicts: VerdictSettings = VerdictSettings()
     drift: DriftSettings = DriftSettings()
     metrics: MetricsSettings = MetricsSettings()
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upper_log_level(cls, data: object) -> object:
+        if isinstance(data, dict) and isinstance(data.get("log_level"), str):
+            return {**data, "log_level": data["log_level"].upper()}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExporterSettings:
+        """Refuse combinations under which a feature could never work, naming both fields."""
+        v, d, w = self.verdicts, self.drift, self.window
+        if v.enter_bound > v.exit_bound:
+            raise ValueError(
+                "expected VERDICTS__ENTER_BOUND <= VERDICTS__EXIT_BOUND (hysteresis), "
+                f"got {v.enter_bound} > {v.exit_bound}"
+            )
+        if v.min_samples > w.samples:
+            raise ValueError(
+                "expected VERDICTS__MIN_SAMPLES <= WINDOW__SAMPLES (no head could ever be safe), "
+                f"got {v.min_samples} > {w.samples}"
+            )
+        if d.min_head_samples > d.window_samples:
+            raise ValueError(
+                "expected DRIFT__MIN_HEAD_SAMPLES <= DRIFT__WINDOW_SAMPLES (no head could ever be "
+                f"tested), got {d.min_head_samples} > {d.window_samples}"
+            )
+        return self
 
     def aggregate_policy(self) -> AggregatePolicy:
         """Return the pure-core policy these settings describe."""
@@ -155,6 +186,7 @@ class ExporterSettings(BaseSettings):
             model_ttl_seconds=self.window.model_ttl_seconds,
             max_heads_per_model=self.window.max_heads_per_model,
             evaluate_every_samples=self.window.evaluate_every_samples,
+            max_future_seconds=self.window.max_future_seconds,
             patterns=PatternThresholds(**self.patterns.model_dump()),
             verdicts=VerdictPolicy(**self.verdicts.model_dump()),
             drift=DriftPolicy(**self.drift.model_dump()),

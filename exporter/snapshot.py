@@ -35,6 +35,9 @@ class ModelSnapshot:
     drift_distance: np.ndarray
     drift_since_seconds: np.ndarray
     kv_safe: np.ndarray
+    # Whether every query head of the KV head has the samples a verdict needs (VERDICTS__MIN_SAMPLES):
+    # where not, `kv_safe` is 0 for want of evidence, not because the head was measured unsafe.
+    kv_ready: np.ndarray
     reclaimable_bytes: float
     messages_total: int
     context_counts: np.ndarray

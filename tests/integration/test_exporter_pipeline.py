@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer
 
+from exporter.labels import safe_label
 from exporter.patterns import PATTERNS
 from tests.factories import MessageFactory, pattern_probs
 from tests.helpers import PrometheusService, query_values, unique_name, wait_until
@@ -83,12 +84,15 @@ def test_consumes_classifies_and_prometheus_scrapes(
                 url, f'headwatch_model_kv_reclaimable_bytes{{job="{job}",model_name="vshape-7b"}}'
             )
             assert reclaimable == [(4096 - 4 - 64) * 64 * 2 * 2 * 16]
-            # the untrusted name arrives intact apart from the newline, and the target stays up
+            # the untrusted name arrives intact apart from the newline (and a hash suffix that
+            # keeps it distinct from names differing only there), and the target stays up
             names = {
                 r["metric"]["model_name"]
                 for r in prometheus.query(f'headwatch_model_kv_heads{{job="{job}"}}')
             }
-            assert names == {"vshape-7b", "layered-7b", 'llama "3"\ufffdq4'}
+            untrusted = safe_label('llama "3"\nq4', 128)
+            assert untrusted.startswith('llama "3"\ufffdq4~')
+            assert names == {"vshape-7b", "layered-7b", untrusted}
             assert prometheus.target_health(job) == "up"
             assert set(PATTERNS) >= {
                 r["metric"]["pattern"]

@@ -103,7 +103,7 @@ def test_an_older_reference_does_not_override_a_newer_request() -> None:
     fresh = Aggregator(POLICY)
     fresh.load(RebaselineRequest(ref.model_key, requested_seconds=1000.0))
     fresh.load(ref)
-    fresh.fold(factory.message(timestamp_seconds=1001.0), partition=0, replay=False, now_wall=0)
+    fresh.fold(factory.message(timestamp_seconds=1001.0), partition=0, replay=False, now_wall=1001)
     assert fresh.snapshot()[0].reference_samples == 0
 
 
@@ -161,3 +161,79 @@ def test_batch_fold_equals_folding_one_by_one() -> None:
         assert np.array_equal(a.means, b.means, equal_nan=True)
         assert np.array_equal(a.pattern, b.pattern) and np.array_equal(a.kv_safe, b.kv_safe)
         assert np.array_equal(a.drift_p_value, b.drift_p_value)
+
+
+def test_a_message_from_a_clock_far_ahead_is_rejected_and_honest_ones_still_fold() -> None:
+    agg, factory = Aggregator(POLICY), _factory()
+    now = 10_000.0
+    for i in range(5):
+        agg.fold(factory.message(timestamp_seconds=now - 5 + i), partition=0, replay=False,
+                 now_wall=now)  # fmt: skip
+    ahead = factory.message(timestamp_seconds=now + POLICY.horizon_seconds + 1)
+    with pytest.raises(SchemaError, match="ahead of this replica's clock") as caught:
+        agg.fold(ahead, partition=0, replay=False, now_wall=now)
+    assert caught.value.reason == "out_of_range"
+    ((outcome, _),) = agg.fold_records(
+        [ahead.to_bytes()], partition=0, replay=[False], now_wall=now
+    )
+    assert isinstance(outcome, SchemaError) and outcome.reason == "out_of_range"
+    late = factory.message(timestamp_seconds=now + 1)
+    assert agg.fold(late, partition=0, replay=False, now_wall=now) is Fold.FOLDED
+    assert agg.snapshot()[0].window_samples == 6
+    slightly_ahead = factory.message(timestamp_seconds=now + POLICY.max_future_seconds - 1)
+    assert agg.fold(slightly_ahead, partition=0, replay=False, now_wall=now) is Fold.FOLDED
+
+
+def test_only_folded_messages_keep_a_model_alive() -> None:
+    """Duplicates, stale messages and layout rejections do not hold off the TTL."""
+    policy = AggregatePolicy(window_samples=64, horizon_seconds=100.0, model_ttl_seconds=60.0)
+    agg, factory = Aggregator(policy), _factory()
+    first = factory.message(timestamp_seconds=1000.0)
+    agg.fold(first, partition=0, replay=False, now_wall=1000.0)
+    stale = factory.message(timestamp_seconds=850.0)
+    changed = MessageFactory(layers=3, heads=4, kv_heads=2, seed=6).message(timestamp_seconds=1001)
+    outcomes = agg.fold_records(
+        [first.to_bytes(), stale.to_bytes(), changed.to_bytes()],
+        partition=0, replay=[False] * 3, now_wall=1050.0,
+    )  # fmt: skip
+    assert [o for o, _ in outcomes][:2] == [Fold.DUPLICATE, Fold.STALE]
+    rejected = outcomes[2][0]
+    assert isinstance(rejected, SchemaError) and rejected.reason == "shape"
+    assert agg.fold(first, partition=0, replay=False, now_wall=1055.0) is Fold.DUPLICATE
+    assert agg.expire(now_wall=1061.0) == ["tiny-llama@0123456789abcdef"]
+
+
+def test_a_message_whose_samples_fail_is_rejected_alone_and_nothing_folds_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import exporter.aggregate as aggregate
+
+    good, other = _factory(), MessageFactory(layers=2, heads=4, kv_heads=2, model_name="other",
+                                             seed=8)  # fmt: skip
+    values = [good.message(timestamp_seconds=float(i)).to_bytes() for i in range(3)]
+    values += [other.message(timestamp_seconds=float(i)).to_bytes() for i in range(3)]
+    poisoned = other.message(timestamp_seconds=9.0)
+    values.insert(4, poisoned.to_bytes())
+    real_one, real_batch = aggregate.to_sample, aggregate.to_samples
+
+    def one(msg: object, patterns: object) -> object:
+        if msg.header.message_id == poisoned.header.message_id:  # type: ignore[attr-defined]
+            raise ValueError("a bug this message triggers")
+        return real_one(msg, patterns)  # type: ignore[arg-type]
+
+    def batch(msgs: list[object], patterns: object) -> object:
+        return [one(m, patterns) for m in msgs]
+
+    monkeypatch.setattr(aggregate, "to_sample", one)
+    monkeypatch.setattr(aggregate, "to_samples", batch)
+    agg = Aggregator(POLICY)
+    outcomes = [o for o, _ in agg.fold_records(values, partition=0, replay=[False] * 7,
+                                               now_wall=10.0)]  # fmt: skip
+    rejected = outcomes.pop(4)
+    assert isinstance(rejected, SchemaError) and rejected.reason == "validation"
+    assert "a bug this message triggers" in rejected.detail
+    assert outcomes == [Fold.FOLDED] * 6
+    assert {s.model_name: s.window_samples for s in agg.snapshot()} == {"other": 3, "tiny-llama": 3}
+    monkeypatch.setattr(aggregate, "to_samples", real_batch)
+    again = agg.fold_records(values[:2], partition=0, replay=[False] * 2, now_wall=10.0)
+    assert [o for o, _ in again] == [Fold.DUPLICATE] * 2

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.aggregate import Aggregator
 from exporter.drift import DriftState
 from exporter.exposition import render
+from exporter.labels import safe_label
 from exporter.metrics import ExporterStats, HeadwatchCollector, SeriesLimits
 from exporter.model_state import AggregatePolicy
 from tests.factories import MessageFactory, pattern_probs
@@ -22,7 +23,10 @@ def _aggregator(model_name: str = "tiny-llama", messages: int = 150, layers: int
                              model_name=model_name, seed=1)  # fmt: skip
     for i in range(messages):
         agg.fold(
-            factory.message(timestamp_seconds=1000.0 + i), partition=0, replay=False, now_wall=0.0
+            factory.message(timestamp_seconds=1000.0 + i),
+            partition=0,
+            replay=False,
+            now_wall=1000.0 + i,
         )
     agg.publish_counters()
     return agg
@@ -64,6 +68,17 @@ def test_required_metrics_are_exported() -> None:
     assert get("headwatch_model_messages_total", {"model_name": "tiny-llama"}) == 150
     assert get("headwatch_exporter_messages_total") == 7
     assert get("headwatch_exporter_invalid_messages_total", {"reason": "decode"}) == 0
+
+
+@pytest.mark.parametrize(("messages", "ready"), [(99, 0.0), (128, 1.0)])
+def test_a_kv_head_is_verdict_ready_once_its_heads_have_min_samples(
+    messages: int, ready: float
+) -> None:
+    """Below VERDICTS__MIN_SAMPLES (100) a head reads unsafe for want of evidence: ready says so."""
+    registry, _ = _registry(_aggregator(messages=messages))
+    kv = {"model_name": "tiny-llama", "layer": "1", "kv_head": "1"}
+    assert registry.get_sample_value("headwatch_kv_head_verdict_ready", kv) == ready
+    assert registry.get_sample_value("headwatch_kv_head_safe_to_compress", kv) == ready
 
 
 def test_a_quiet_head_uses_exactly_the_default_budget() -> None:
@@ -149,6 +164,14 @@ def test_untrusted_model_names_never_break_the_exposition(name: str) -> None:
         assert len(label) <= 64 and "\n" not in label and "\r" not in label and "\x00" not in label
 
 
+def test_names_that_differ_only_in_what_labels_replace_stay_two_series() -> None:
+    names = ["llama\n", "llama\r", "llama\x00", "lone\ud800", "lone\udfff", "llama"]
+    labels = [safe_label(name, 64) for name in names]
+    assert len(set(labels)) == len(names)
+    assert labels[-1] == "llama"  # a clean name is left as it is
+    assert all(label.startswith("llama\ufffd~") for label in labels[:3])
+
+
 def test_fast_renderer_matches_generate_latest() -> None:
     registry, _ = _registry(_with_drift(_aggregator(layers=3, heads=8)))
 
@@ -164,17 +187,18 @@ def test_fast_renderer_matches_generate_latest() -> None:
 
 
 def test_silent_models_expire_after_the_ttl() -> None:
-    agg = _aggregator()
+    agg = _aggregator(messages=150)
     agg.policy = AggregatePolicy(model_ttl_seconds=60)
-    assert agg.expire(now_wall=59.0) == []
-    assert agg.expire(now_wall=61.0) == ["tiny-llama@0123456789abcdef"]
+    last_fold = 1000.0 + 149
+    assert agg.expire(now_wall=last_fold + 59) == []
+    assert agg.expire(now_wall=last_fold + 61) == ["tiny-llama@0123456789abcdef"]
     assert agg.snapshot() == []
 
 
 def test_one_model_name_with_two_identities_exports_the_newest() -> None:
     agg = _aggregator(messages=10)
     newer = MessageFactory(layers=2, heads=4, kv_heads=2, config_hash="fedcba9876543210", seed=3)
-    agg.fold(newer.message(timestamp_seconds=5000.0), partition=0, replay=False, now_wall=0.0)
+    agg.fold(newer.message(timestamp_seconds=5000.0), partition=0, replay=False, now_wall=5000.0)
     registry, _ = _registry(agg)
     assert [s.model_key for s in agg.snapshot()] == ["tiny-llama@fedcba9876543210"]
     text = generate_latest(registry).decode()

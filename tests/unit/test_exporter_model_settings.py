@@ -17,7 +17,7 @@ LAYERS, HEADS, KV = 2, 4, 2
 def _fold(agg: Aggregator, factory: MessageFactory, timestamps: list[float]) -> None:
     for t in timestamps:
         outcome = agg.fold(
-            factory.message(timestamp_seconds=t), partition=0, replay=False, now_wall=0.0
+            factory.message(timestamp_seconds=t), partition=0, replay=False, now_wall=t
         )
         assert outcome is Fold.FOLDED
 

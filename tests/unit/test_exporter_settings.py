@@ -56,3 +56,37 @@ def test_bad_settings_exit_2() -> None:
         [sys.executable, "-m", "exporter", "settings"], capture_output=True, text=True, env=env
     )
     assert done.returncode == 2 and "HTTP__PORT" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"VERDICTS__ENTER_BOUND": "0.09"}, "VERDICTS__ENTER_BOUND <= VERDICTS__EXIT_BOUND"),
+        ({"VERDICTS__MIN_SAMPLES": "600"}, "VERDICTS__MIN_SAMPLES <= WINDOW__SAMPLES"),
+        ({"DRIFT__MIN_HEAD_SAMPLES": "300"}, "DRIFT__MIN_HEAD_SAMPLES <= DRIFT__WINDOW_SAMPLES"),
+        ({"LOG_LEVEL": "verbose"}, "log_level"),
+    ],
+    ids=["hysteresis", "verdict-samples", "drift-samples", "log-level"],
+)
+def test_settings_that_could_never_work_are_refused_naming_them(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], names: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(f"HEADWATCH_EXPORTER_{name}", value)
+    with pytest.raises(ValidationError, match=names):
+        ExporterSettings()
+
+
+def test_log_level_is_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEADWATCH_EXPORTER_LOG_LEVEL", "debug")
+    assert ExporterSettings().log_level == "DEBUG"
+
+
+def test_inconsistent_settings_exit_2_before_reaching_the_broker() -> None:
+    env = {"HEADWATCH_EXPORTER_VERDICTS__ENTER_BOUND": "0.09", "PATH": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "exporter", "serve"], capture_output=True, text=True, env=env,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "ENTER_BOUND" in done.stderr and "Traceback" not in done.stderr
