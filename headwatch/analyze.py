@@ -116,17 +116,28 @@ def max_context(model: Any) -> int | None:
     return int(value) if value else None
 
 
-def fit_context(prompts: Sequence[Prompt], limit: int | None, truncate: bool) -> list[Prompt]:
-    """Return the prompts, checked against `limit`; truncated with a warning if `truncate`."""
+def fit_context(
+    prompts: Sequence[Prompt], limit: int | None, truncate: bool, *, has_truncate_flag: bool = True
+) -> list[Prompt]:
+    """Return the prompts, checked against `limit`; truncated with a warning if `truncate`.
+
+    The error for a prompt too long suggests --truncate where the command has that flag
+    (`has_truncate_flag`), a smaller --context-tokens where it does not.
+    """
     out: list[Prompt] = []
     for p in prompts:
         if limit is None or len(p.ids) <= limit:
             out.append(p)
             continue
         if not truncate:
+            remedy = (
+                f"pass --truncate to keep the first token and the last {limit - 1}"
+                if has_truncate_flag
+                else "pass a smaller --context-tokens"
+            )
             raise ContextTooLongError(
                 f"expected prompts of at most {limit} tokens (the model's context), got {len(p.ids)} "
-                f"in {p.name}; pass --truncate to keep the first token and the last {limit - 1}"
+                f"in {p.name}; {remedy}"
             )
         logger.warning(
             "%s: %d tokens truncated to the model's context of %d", p.name, len(p.ids), limit
@@ -147,10 +158,13 @@ def measure(
     recent_tokens: int = RECENT_TOKENS,
     sink: Any = None,
     progress: bool = True,
+    metrics: Any = None,
 ) -> list[Any]:
     """Run every prompt once with the collector attached; return the messages of a MemorySink.
 
-    With another `sink` (e.g. a KafkaSink) the messages go there and the list is empty.
+    With another `sink` (e.g. a KafkaSink) the messages go there and the list is empty. With
+    `metrics` (a CollectorMetrics) the collector counts into it, and its owner serves it; without,
+    attach() makes its own (served on HEADWATCH_COLLECTOR_METRICS_PORT when set).
     """
     import torch
     from tqdm import tqdm
@@ -161,6 +175,7 @@ def measure(
     handle = attach(
         model,
         sink=target,
+        metrics=metrics,
         sample_rate=1.0,
         min_context_tokens=0,
         sink_tokens=sink_tokens,

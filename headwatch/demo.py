@@ -26,9 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
+from collector.errors import SettingsError
 from headwatch.demo_kafka import KafkaPublisher
 from headwatch.report.errors import HeadwatchToolError, PortInUseError
+from headwatch.settings_errors import invalid_settings
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +160,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the demo with parsed arguments; return the exit status."""
+def run(args: argparse.Namespace, settings: Any) -> int:
+    """Run the demo with parsed arguments and its ExporterSettings; return the exit status."""
     from exporter.patterns import PATTERNS
     from headwatch.analyze import (
         RECENT_TOKENS,
@@ -175,9 +178,8 @@ def run(args: argparse.Namespace) -> int:
     from headwatch.report.table import markdown_table, pattern_map_text, study_rows
 
     started = time.perf_counter()
-    settings = exporter_settings(args.port)
     out = args.out or default_out("demo")
-    recent = args.recent_tokens or RECENT_TOKENS
+    recent = RECENT_TOKENS if args.recent_tokens is None else args.recent_tokens
     # --kafka: fail before loading the model when no broker answers.
     publisher = KafkaPublisher.connect(args.kafka) if args.kafka else None
     live = LiveAggregation(
@@ -193,14 +195,18 @@ def run(args: argparse.Namespace) -> int:
             f"/metrics: http://{settings.http.host}:{settings.http.port}/metrics", file=sys.stderr
         )
     try:
-        model, tokenizer, name = load_model(args.model, args.device)
+        model, tokenizer, loaded_name = load_model(args.model, args.device)
+        # --kafka: HEADWATCH_COLLECTOR_MODEL_NAME names the model, as for any attached collector.
+        name = (publisher.model_name if publisher is not None else "") or loaded_name
         maker = prompt_maker(tokenizer)
         prompts = fit_context(
             maker.mixed(args.requests, args.context_tokens, args.seed),
             max_context(model),
             truncate=False,
+            has_truncate_flag=False,
         )
-        measure(model, prompts, name, SINK_TOKENS, recent, sink=live)
+        metrics = publisher.metrics if publisher is not None else None
+        measure(model, prompts, name, SINK_TOKENS, recent, sink=live, metrics=metrics)
         if not live.messages:
             raise HeadwatchToolError("expected head-stats messages from the collector, got none")
         if args.kafka:
@@ -277,6 +283,13 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    # The report's compression policy keeps sink + recent keys: it needs at least one recent key.
+    if args.recent_tokens is not None and args.recent_tokens < 1:
+        print(
+            f"headwatch demo: expected --recent-tokens >= 1, got {args.recent_tokens}",
+            file=sys.stderr,
+        )
+        return 2
     if args.serve and args.kafka:
         print(
             "headwatch demo: expected --serve or --kafka, got both; with --kafka, "
@@ -285,8 +298,14 @@ def main(argv: list[str]) -> int:
         )
         return 2
     try:
-        return run(args)
-    except HeadwatchToolError as exc:
+        settings = exporter_settings(args.port)
+    except ValidationError as exc:  # --port or a HEADWATCH_EXPORTER_* variable out of its domain
+        for line in invalid_settings(exc):
+            print(f"headwatch demo: {line}", file=sys.stderr)
+        return 2
+    try:
+        return run(args, settings)
+    except (HeadwatchToolError, SettingsError) as exc:  # SettingsError: HEADWATCH_COLLECTOR_*
         print(f"headwatch demo: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

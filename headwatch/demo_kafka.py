@@ -5,7 +5,8 @@ Usage:
     publisher.sink.publish(message); publisher.close_and_check(sent=1, timeout_seconds=10.0)
 
 The rest of the Kafka settings (topic, acks, compression) come from HEADWATCH_COLLECTOR_KAFKA__*,
-as for any collector.
+as for any collector, and so do the model name and the collector's metrics endpoint
+(HEADWATCH_COLLECTOR_MODEL_NAME, HEADWATCH_COLLECTOR_METRICS_PORT / _ADDRESS).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from headwatch.report.errors import HeadwatchToolError
+from headwatch.report.errors import HeadwatchToolError, PortInUseError
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +36,16 @@ def _servers(bootstrap: str) -> list[str]:
 
 @dataclass
 class KafkaPublisher:
-    """A KafkaSink with its own collector metrics, so the demo can say what the broker acknowledged."""
+    """A KafkaSink and the collector metrics it counts into, served on the collector's endpoint.
+
+    The demo hands the same metrics to attach(), so one endpoint shows what was sampled and what
+    the broker acknowledged or dropped, and reads the acknowledged count from them at the end.
+    """
 
     bootstrap: str
     sink: Any
     metrics: Any
+    model_name: str = ""  # HEADWATCH_COLLECTOR_MODEL_NAME; "" lets the demo name the model
 
     @classmethod
     def connect(cls, bootstrap: str) -> KafkaPublisher:
@@ -55,9 +61,19 @@ class KafkaPublisher:
                 f"expected a Kafka broker answering at {bootstrap}, got no answer "
                 f"(start one with `headwatch stack up`, or drop --kafka to run in-process)"
             )
-        settings = load_settings().kafka.model_copy(update={"bootstrap_servers": bootstrap})
+        settings = load_settings()
         metrics = CollectorMetrics()
-        return cls(bootstrap, KafkaSink(settings, metrics), metrics)
+        # attach() serves only the metrics it creates; these are the publisher's, so serve them here.
+        if settings.metrics_port is not None:
+            try:
+                metrics.serve(settings.metrics_port, settings.metrics_address)
+            except OSError as exc:
+                raise PortInUseError(
+                    f"expected to serve the collector's /metrics on "
+                    f"{settings.metrics_address}:{settings.metrics_port}, got {exc}"
+                ) from exc
+        kafka = settings.kafka.model_copy(update={"bootstrap_servers": bootstrap})
+        return cls(bootstrap, KafkaSink(kafka, metrics), metrics, settings.model_name)
 
     @property
     def topic(self) -> str:
@@ -83,8 +99,9 @@ class KafkaPublisher:
         return {reason: n for reason, n in counts.items() if n}
 
     def close(self, timeout_seconds: float) -> None:
-        """Flush what is queued within `timeout_seconds` and stop the publisher thread."""
+        """Flush what is queued within `timeout_seconds`, stop the publisher thread and the endpoint."""
         self.sink.close(timeout_seconds)
+        self.metrics.close()
 
     def close_and_check(self, model_name: str, sent: int, timeout_seconds: float) -> int:
         """Close, then return the acknowledged count; raise KafkaUnavailableError if any is missing."""

@@ -178,7 +178,7 @@ def write_policy(policy: KvPolicy, out: Path) -> list[Path]:
 
 
 def read_policy(path: Path) -> KvPolicy:
-    """Return the policy stored in a `headwatch.kv-policy.v1` file."""
+    """Return the policy stored in a `headwatch.kv-policy.v1` file; raise PolicyError naming what is wrong."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -187,12 +187,31 @@ def read_policy(path: Path) -> KvPolicy:
         raise PolicyError(
             f"expected format {FORMAT!r} in {path}, got {data.get('format') if isinstance(data, dict) else data!r}"
         )
+    try:
+        return _policy_from_dict(data)
+    except PolicyError as exc:
+        raise PolicyError(f"{path}: {exc}") from exc
+    except KeyError as exc:
+        raise PolicyError(f"expected the field {exc.args[0]!r} in {path}, got none") from exc
+    except (TypeError, ValueError) as exc:
+        raise PolicyError(f"expected a well-formed {FORMAT} policy in {path}, got {exc}") from exc
+
+
+def _policy_from_dict(data: dict[str, Any]) -> KvPolicy:
+    """Return the policy of a parsed policy file; KeyError, TypeError or ValueError where malformed."""
     shape = (int(data["num_layers"]), int(data["num_kv_heads"]))
+    if min(shape) < 1:
+        raise PolicyError(f"expected num_layers and num_kv_heads >= 1, got {shape}")
     streaming = np.zeros(shape, dtype=bool)
     error = np.full(shape, np.nan)
     mean = np.full(shape, np.nan)
     for item in data["kv_heads"]:
         at = (int(item["layer"]), int(item["kv_head"]))
+        if not (0 <= at[0] < shape[0] and 0 <= at[1] < shape[1]):
+            raise PolicyError(
+                f"expected kv_heads entries within (num_layers, num_kv_heads) = {shape}, "
+                f"got layer {at[0]}, kv_head {at[1]}"
+            )
         streaming[at] = item["keep"] == "sink_recent"
         if item.get("eviction_error_p95") is not None:
             error[at] = float(item["eviction_error_p95"])

@@ -218,6 +218,18 @@ def compare(
     return safe, unsafe
 
 
+def check_policy_fits(policy: KvPolicy, model: PreTrainedModel, model_name: str) -> None:
+    """Raise PolicyError unless the policy's (layers, kv_heads) shape is the model's."""
+    config = model.config
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    expected = (int(config.num_hidden_layers), int(kv_heads))
+    if policy.streaming.shape != expected:
+        raise PolicyError(
+            f"expected a policy of (layers, kv_heads) = {expected}, the shape of model "
+            f"{model_name}, got {policy.streaming.shape} (policy of {policy.model_name})"
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m headwatch.validate", description=__doc__.split("\n")[0]
@@ -272,11 +284,15 @@ def main(argv: list[str]) -> int:
             else lowest_error(*_ranking(policy, args.rank_by, args.lowest))
         )
         model, tokenizer, name = load_model(args.model)
+        check_policy_fits(policy, model, name)
         maker = prompt_maker(tokenizer)
         # leave room for the appended answer within the model's context
         base = maker.mixed(args.prompts, args.context_tokens - ANSWER_ROOM, seed=args.seed)
         prompts = fit_context(
-            [maker.with_answer(p) for p in base], max_context(model), truncate=False
+            [maker.with_answer(p) for p in base],
+            max_context(model),
+            truncate=False,
+            has_truncate_flag=False,
         )
         safe, unsafe = compare(
             model, prompts, chosen, policy.sink_tokens, policy.recent_tokens, args.draws

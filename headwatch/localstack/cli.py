@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from headwatch.localstack.errors import LocalStackError, StackConfigError, StateFileError
 from headwatch.localstack.kafka_fetch import cached_kafka, fetch_kafka, pinned_kafka_version
 from headwatch.localstack.paths import StackPaths, find_paths
@@ -25,8 +27,11 @@ from headwatch.localstack.stack import (
     stop_recorded,
 )
 from headwatch.localstack.state import StackState, dump_state, load_state, reuse_environment
+from headwatch.settings_errors import invalid_settings
 
 logger = logging.getLogger(__name__)
+
+EXIT_BAD_CONFIG = 2  # a flag or HEADWATCH_STACK_* value out of its domain, as for the exporter
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -159,3 +164,7 @@ def main(argv: list[str]) -> int:
     except (LocalStackError, StackConfigError, StateFileError) as exc:
         print(f"headwatch stack {args.command}: {exc}", file=sys.stderr)
         return 1
+    except ValidationError as exc:  # StackSettings from the flags and HEADWATCH_STACK_* variables
+        for line in invalid_settings(exc):
+            print(f"headwatch stack {args.command}: {line}", file=sys.stderr)
+        return EXIT_BAD_CONFIG

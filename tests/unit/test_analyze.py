@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from headwatch.analyze import check_model_files, fit_context, main
@@ -83,6 +85,49 @@ def test_cli_reports_a_missing_model_directory(
 def test_prompt_longer_than_the_context_is_an_error() -> None:
     with pytest.raises(ContextTooLongError, match="at most 100 tokens"):
         fit_context([Prompt("p", "document", tuple(range(150)))], 100, truncate=False)
+
+
+def test_without_a_truncate_flag_the_error_suggests_a_smaller_context() -> None:
+    with pytest.raises(ContextTooLongError, match="smaller --context-tokens") as caught:
+        fit_context(
+            [Prompt("p", "document", tuple(range(150)))],
+            100,
+            truncate=False,
+            has_truncate_flag=False,
+        )
+    assert "--truncate" not in str(caught.value)
+
+
+def test_demo_suggests_only_flags_it_has_for_a_prompt_too_long(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from headwatch.demo import main as demo_main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["--model", str(model_dir), "--requests", "1", "--context-tokens", "2048",
+            "--port", str(port), "--out", str(tmp_path / "r")]  # fmt: skip
+    assert demo_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "at most 1024 tokens" in err and "smaller --context-tokens" in err
+    assert "--truncate" not in err
+
+
+def test_validate_suggests_only_flags_it_has_for_a_prompt_too_long(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from headwatch.policy import KvPolicy, write_policy
+    from headwatch.validate import main as validate_main
+
+    streaming = np.array([[True, False], [False, False]])
+    write_policy(KvPolicy("tiny", 4, 16, streaming, np.full((2, 2), 0.01), "test"), tmp_path / "p")
+    argv = ["--policy", str(tmp_path / "p" / "policy.json"), "--model", str(model_dir),
+            "--prompts", "1", "--context-tokens", "2048", "--out", str(tmp_path / "v.md")]  # fmt: skip
+    assert validate_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "at most 1024 tokens" in err and "smaller --context-tokens" in err
+    assert "--truncate" not in err
 
 
 def test_truncation_keeps_the_first_token_and_the_end(caplog: pytest.LogCaptureFixture) -> None:

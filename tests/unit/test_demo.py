@@ -101,3 +101,38 @@ def test_demo_refuses_a_taken_port_before_loading_anything(
         )
     assert f"port {port}" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_port_out_of_range_is_one_line_naming_the_setting_and_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--model", str(tmp_path / "absent"), "--port", "99999", "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "headwatch demo: http.port: expected a value less than or equal to 65535, got 99999"
+    )
+
+
+def test_a_bad_collector_variable_with_kafka_is_one_line_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import headwatch.localstack.kafka
+
+    monkeypatch.setattr(headwatch.localstack.kafka, "broker_answers", lambda server: True)
+    monkeypatch.setenv("HEADWATCH_COLLECTOR_METRICS_PORT", "99999")
+    argv = ["--kafka", "127.0.0.1:9", "--model", str(tmp_path / "absent"),
+            "--out", str(tmp_path / "r")]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "headwatch demo: metrics_port: expected a value less than or equal to 65535, got '99999'"
+    )
+
+
+def test_recent_tokens_zero_is_refused_not_replaced_by_the_default(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--model", str(model_dir), "--requests", "1", "--context-tokens", "128",
+            "--recent-tokens", "0", "--port", str(_free_port()), "--out", str(tmp_path / "r")]  # fmt: skip
+    assert main(argv) == 2
+    assert "expected --recent-tokens >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

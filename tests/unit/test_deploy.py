@@ -100,6 +100,20 @@ def test_compose_runs_the_whole_stack() -> None:
     assert "zookeeper" not in services
 
 
+def test_compose_kafka_keeps_its_log_on_the_data_volume() -> None:
+    kafka = _compose()["services"]["kafka"]
+    mounts = {v.split(":")[0]: v.split(":")[1] for v in kafka["volumes"]}
+    assert kafka["environment"]["KAFKA_LOG_DIRS"] == mounts["kafka-data"]
+
+
+def test_compose_demo_writes_a_new_report_folder_on_every_restart() -> None:
+    demo = _compose()["services"]["demo"]
+    assert demo["restart"] == "unless-stopped"
+    # a fixed --out is refused once the first run filled it; the default is timestamped
+    assert "--out" not in demo["command"]
+    assert demo["working_dir"] == "/tmp"  # the image's /app is not writable by its user
+
+
 def test_compose_mounts_exist_in_the_repository() -> None:
     for name, service in _compose()["services"].items():
         for volume in service.get("volumes", []):

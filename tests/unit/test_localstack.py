@@ -13,6 +13,7 @@ import pytest
 
 from headwatch.localstack import kafka_fetch
 from headwatch.localstack.alertmanager import config_values as alertmanager_values
+from headwatch.localstack.cli import main as stack_main
 from headwatch.localstack.errors import (
     KafkaFetchError,
     MissingToolError,
@@ -331,6 +332,31 @@ def test_java_command_runs_the_broker_from_the_jars(tmp_path: Path) -> None:
 def test_settings_reject_a_malformed_heap() -> None:
     with pytest.raises(ValueError, match=r"kafka_heap"):
         StackSettings(kafka_heap="lots")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "line"),
+    [
+        (["up", "--kafka-port", "70000"], {},
+         "kafka_port: expected a value less than or equal to 65535, got 70000"),
+        (["status"], {"HEADWATCH_STACK_KAFKA_HEAP": "lots"},
+         "kafka_heap: expected a string matching pattern '^[0-9]+[kmgKMG]$', got 'lots'"),
+    ],
+    ids=["flag", "environment"],
+)  # fmt: skip
+def test_cli_names_a_bad_setting_and_its_value_in_one_line(
+    argv: list[str],
+    env: dict[str, str],
+    line: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("HEADWATCH_STACK_CACHE_DIR", str(tmp_path))  # no state of a running stack
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert stack_main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"headwatch stack {argv[0]}: {line}"
 
 
 # processes ---------------------------------------------------------------------------------------

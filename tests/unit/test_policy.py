@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -94,6 +97,50 @@ def test_policy_json_round_trips(tmp_path: Path) -> None:
     back = read_policy(tmp_path / "policy.json")
     assert np.array_equal(back.streaming, policy.streaming)
     np.testing.assert_allclose(back.error, policy.error, atol=1e-6)
+
+
+def _drop_num_layers(doc: dict[str, Any]) -> None:
+    del doc["num_layers"]
+
+
+def _word_for_num_layers(doc: dict[str, Any]) -> None:
+    doc["num_layers"] = "three"
+
+
+def _kv_heads_not_a_list(doc: dict[str, Any]) -> None:
+    doc["kv_heads"] = 6
+
+
+def _entry_without_keep(doc: dict[str, Any]) -> None:
+    del doc["kv_heads"][0]["keep"]
+
+
+def _entry_past_the_last_layer(doc: dict[str, Any]) -> None:
+    doc["kv_heads"][0]["layer"] = LAYERS
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (_drop_num_layers, "'num_layers'"),
+        (_word_for_num_layers, "three"),
+        (_kv_heads_not_a_list, "not iterable"),
+        (_entry_without_keep, "'keep'"),
+        (_entry_past_the_last_layer, f"layer {LAYERS}"),
+    ],
+    ids=["missing-field", "bad-number", "kv-heads-not-a-list", "entry-field", "entry-range"],
+)
+def test_a_malformed_policy_is_a_policy_error_naming_the_problem(
+    tmp_path: Path, damage: Callable[[dict[str, Any]], None], named: str
+) -> None:
+    write_policy(from_summary(_summary()), tmp_path)
+    path = tmp_path / "policy.json"
+    doc = json.loads(path.read_text())
+    damage(doc)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(PolicyError, match=re.escape(named)) as caught:
+        read_policy(path)
+    assert str(path) in str(caught.value)
 
 
 def _duo_streaming(folder: Path, ratio: float) -> np.ndarray:

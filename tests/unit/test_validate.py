@@ -181,3 +181,34 @@ def test_cli_writes_the_markdown_table(tmp_path: Path, model_dir: Path) -> None:
         and "random draws" in text
         and "Restricted: the KV heads the policy marks safe" in text
     )
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (2, 1)], ids=["fewer-layers", "fewer-kv-heads"])
+def test_cli_refuses_a_policy_of_another_shape_naming_both(
+    tmp_path: Path, model_dir: Path, shape: tuple[int, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from headwatch.policy import KvPolicy, write_policy
+    from headwatch.validate import main
+
+    streaming = np.zeros(shape, dtype=bool)
+    streaming[0, 0] = True
+    write_policy(KvPolicy("other", S, R, streaming, np.full(shape, 0.01), "test"), tmp_path / "p")
+    out = tmp_path / "validation.md"
+    args = ["--policy", str(tmp_path / "p" / "policy.json"), "--model", str(model_dir),
+            "--prompts", "2", "--context-tokens", "200", "--draws", "2", "--out", str(out)]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    # the tiny model's (layers, kv_heads) and the policy's
+    assert "(2, 2)" in err and str(shape) in err
+    assert not out.exists()
+
+
+def test_cli_refuses_a_malformed_policy_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from headwatch.validate import main
+
+    policy = tmp_path / "policy.json"
+    policy.write_text('{"format": "headwatch.kv-policy.v1", "num_kv_heads": 2}')
+    assert main(["--policy", str(policy), "--out", str(tmp_path / "v.md")]) == 2
+    assert "'num_layers'" in capsys.readouterr().err
