@@ -14,7 +14,7 @@ import enum
 import logging
 
 from collector.schema import HeadStatsMessage, SchemaError
-from exporter.model_state import AggregatePolicy, ModelState
+from exporter.model_state import AggregatePolicy, ModelState, identity
 from exporter.reference import RebaselineRequest, Reference
 from exporter.samples import to_sample, to_samples
 from exporter.snapshot import ModelSnapshot
@@ -52,7 +52,9 @@ class Aggregator:
         if value is None:
             raise SchemaError("decode", "empty record (tombstone)")
         msg = HeadStatsMessage.from_bytes(value)
-        return self.fold(msg, partition=partition, replay=replay, now_wall=now_wall), msg.model_key
+        return self.fold(msg, partition=partition, replay=replay, now_wall=now_wall), identity(
+            msg.header
+        )
 
     def fold_records(
         self, values: list[bytes | None], *, partition: int, replay: list[bool], now_wall: float
@@ -74,7 +76,7 @@ class Aggregator:
             except SchemaError as exc:
                 outcomes[i] = (exc, None)
                 continue
-            groups.setdefault(msg.model_key, []).append((i, msg))
+            groups.setdefault(identity(msg.header), []).append((i, msg))
         for key, items in groups.items():
             state = self._state(items[0][1], partition, now_wall)
             state.partitions.add(partition)
@@ -140,7 +142,7 @@ class Aggregator:
             )
 
     def _state(self, msg: HeadStatsMessage, partition: int, now_wall: float) -> ModelState:
-        key = msg.header.model_key
+        key = identity(msg.header)
         state = self.models.get(key)
         if state is None:
             state = ModelState(
@@ -158,7 +160,7 @@ class Aggregator:
         """Fold a valid message; raise SchemaError (reason shape/oversized) if it cannot be."""
         header = msg.header
         self._admit(msg, now_wall)
-        key = header.model_key
+        key = identity(header)
         fresh = key not in self.models
         state = self._state(msg, partition, now_wall)
         if not fresh and not state.matches_layout(header):

@@ -43,6 +43,14 @@ class AggregatePolicy:
     drift: DriftPolicy = field(default_factory=DriftPolicy)
 
 
+def identity(header: MessageHeader) -> str:
+    """Return the key a message aggregates under: its model identity (`name@config_hash`) and the
+    keep-set (S sink, R recent tokens) it was measured with. Eviction errors, sink and recent masses,
+    hence verdicts, patterns and drift references, hold for one keep-set only: a collector
+    reconfigured with another R starts a new window rather than pooling the two."""
+    return f"{header.model_key}/s{header.sink_tokens}r{header.recent_tokens}"
+
+
 def _layout(header: MessageHeader) -> tuple[int, int, int, int, int]:
     return (
         header.num_layers,
@@ -54,7 +62,7 @@ def _layout(header: MessageHeader) -> tuple[int, int, int, int, int]:
 
 
 class ModelState:
-    """Everything the exporter knows about one model identity (`name@config_hash`)."""
+    """Everything the exporter knows about one model identity and keep-set (see `identity`)."""
 
     def __init__(
         self,
@@ -66,7 +74,7 @@ class ModelState:
         reference_after_seconds: float = 0.0,
     ) -> None:
         self.policy = policy
-        self.model_key = header.model_key
+        self.model_key = identity(header)
         self.model_name = header.model_name
         self.layout = _layout(header)
         layers, heads = header.num_layers, header.num_query_heads
@@ -121,7 +129,10 @@ class ModelState:
     ) -> Reference | None:
         """Fold one message in; return a reference when this message completed one."""
         header = msg.header
-        self.last_fold_wall = now_wall
+        # A replayed message was produced long ago: it keeps the model alive only from when it was
+        # sent, so a restart does not bring back, for another TTL, a model that had gone quiet.
+        seen = min(now_wall, header.timestamp_seconds) if replay else now_wall
+        self.last_fold_wall = seen if self.folded == 0 else max(self.last_fold_wall, seen)
         if header.timestamp_seconds >= self.last_message_seconds:
             # The collector's S and R as of its newest message (exported for `headwatch policy`).
             self.sink_tokens, self.recent_tokens = header.sink_tokens, header.recent_tokens

@@ -67,17 +67,19 @@ class Reference:
 class RebaselineRequest:
     """Ask the owning replica to drop a model's reference and take a new one from now on.
 
-    `model_key` is an exact identity or `name@*` for every identity of a model name.
+    `model_key` is one aggregation key (`name@config_hash/s<S>r<R>`, exporter.model_state.identity),
+    `name@config_hash` (every keep-set of that identity) or `name@*` (every identity of a name).
     """
 
     model_key: str
     requested_seconds: float
 
     def matches(self, model_key: str) -> bool:
-        """Return whether this request applies to the identity `model_key`."""
+        """Return whether this request applies to the aggregation key `model_key`."""
+        name, _, rest = model_key.rpartition("@")
         if self.model_key.endswith("@*"):
-            return model_key.rsplit("@", 1)[0] == self.model_key[:-2]
-        return model_key == self.model_key
+            return name == self.model_key[:-2]
+        return self.model_key in (model_key, f"{name}@{rest.split('/', 1)[0]}")
 
     def to_bytes(self) -> bytes:
         """Return the record value: zlib-compressed JSON."""

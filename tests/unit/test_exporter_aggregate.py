@@ -125,7 +125,7 @@ def test_revoked_partitions_drop_their_models() -> None:
     agg = Aggregator(POLICY)
     agg.fold(_factory().message(), partition=3, replay=False, now_wall=0)
     agg.fold(_factory(model_name="other").message(), partition=1, replay=False, now_wall=0)
-    assert agg.drop_partitions({3}) == ["tiny-llama@0123456789abcdef"]
+    assert agg.drop_partitions({3}) == ["tiny-llama@0123456789abcdef/s4r64"]
     assert [s.model_name for s in agg.snapshot()] == ["other"]
 
 
@@ -200,7 +200,7 @@ def test_only_folded_messages_keep_a_model_alive() -> None:
     rejected = outcomes[2][0]
     assert isinstance(rejected, SchemaError) and rejected.reason == "shape"
     assert agg.fold(first, partition=0, replay=False, now_wall=1055.0) is Fold.DUPLICATE
-    assert agg.expire(now_wall=1061.0) == ["tiny-llama@0123456789abcdef"]
+    assert agg.expire(now_wall=1061.0) == ["tiny-llama@0123456789abcdef/s4r64"]
 
 
 def test_a_message_whose_samples_fail_is_rejected_alone_and_nothing_folds_twice(
@@ -237,3 +237,19 @@ def test_a_message_whose_samples_fail_is_rejected_alone_and_nothing_folds_twice(
     monkeypatch.setattr(aggregate, "to_samples", real_batch)
     again = agg.fold_records(values[:2], partition=0, replay=[False] * 2, now_wall=10.0)
     assert [o for o, _ in again] == [Fold.DUPLICATE] * 2
+
+
+def test_a_replayed_model_that_had_gone_quiet_expires_at_once() -> None:
+    """After a restart the window is rebuilt from Kafka; a model silent for longer than the TTL
+    must not come back for another TTL because its old messages were folded again now."""
+    policy = AggregatePolicy(window_samples=64, horizon_seconds=3600.0, model_ttl_seconds=900.0)
+    agg, factory = Aggregator(policy), _factory()
+    now = 10_000.0
+    quiet = [factory.message(timestamp_seconds=now - 2000 + i).to_bytes() for i in range(5)]
+    agg.fold_records(quiet, partition=0, replay=[True] * 5, now_wall=now)
+    assert agg.snapshot()[0].window_samples == 5
+    assert agg.expire(now_wall=now) == ["tiny-llama@0123456789abcdef/s4r64"]
+    recent = [factory.message(timestamp_seconds=now - 60 + i).to_bytes() for i in range(5)]
+    agg.fold_records(recent, partition=0, replay=[True] * 5, now_wall=now)
+    assert agg.expire(now_wall=now) == []
+    assert agg.expire(now_wall=now - 60 + 4 + 901) == ["tiny-llama@0123456789abcdef/s4r64"]

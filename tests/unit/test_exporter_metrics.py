@@ -191,7 +191,7 @@ def test_silent_models_expire_after_the_ttl() -> None:
     agg.policy = AggregatePolicy(model_ttl_seconds=60)
     last_fold = 1000.0 + 149
     assert agg.expire(now_wall=last_fold + 59) == []
-    assert agg.expire(now_wall=last_fold + 61) == ["tiny-llama@0123456789abcdef"]
+    assert agg.expire(now_wall=last_fold + 61) == ["tiny-llama@0123456789abcdef/s4r64"]
     assert agg.snapshot() == []
 
 
@@ -200,7 +200,7 @@ def test_one_model_name_with_two_identities_exports_the_newest() -> None:
     newer = MessageFactory(layers=2, heads=4, kv_heads=2, config_hash="fedcba9876543210", seed=3)
     agg.fold(newer.message(timestamp_seconds=5000.0), partition=0, replay=False, now_wall=5000.0)
     registry, _ = _registry(agg)
-    assert [s.model_key for s in agg.snapshot()] == ["tiny-llama@fedcba9876543210"]
+    assert [s.model_key for s in agg.snapshot()] == ["tiny-llama@fedcba9876543210/s4r64"]
     text = generate_latest(registry).decode()
     assert text.count('headwatch_model_kv_heads{model_name="tiny-llama"}') == 1
 

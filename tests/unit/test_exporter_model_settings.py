@@ -80,3 +80,16 @@ def test_they_count_against_the_hard_cap_with_the_other_model_series(
     assert (sink is not None, recent is not None) == (exported, exported)
     kv_heads = registry.get_sample_value("headwatch_model_kv_heads", {"model_name": "m"})
     assert (kv_heads is not None) == exported
+
+
+def test_rows_of_two_keep_sets_never_pool_into_one_verdict() -> None:
+    """Eviction errors measured with R=256 are smaller than with R=64: pooled, a verdict for the
+    R=64 keep-set exported beside them would rest on errors it was never measured with."""
+    agg = Aggregator(AggregatePolicy(window_samples=64))
+    _fold(agg, _factory("m", 4, 64), [1000.0 + i for i in range(10)])
+    _fold(agg, _factory("m", 4, 256), [1010.0 + i for i in range(3)])
+    windows = {state.model_key: state.window.size for state in agg.models.values()}
+    assert windows == {"m@0123456789abcdef/s4r64": 10,
+                       "m@0123456789abcdef/s4r256": 3}  # fmt: skip
+    (snapshot,) = agg.snapshot()
+    assert (snapshot.recent_tokens, snapshot.window_samples) == (256, 3)

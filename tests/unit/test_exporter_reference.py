@@ -32,7 +32,16 @@ def test_reference_round_trip() -> None:
 def test_request_round_trip_and_matching() -> None:
     back = decode_record(RebaselineRequest("m@*", 5.0).to_bytes())
     assert back == RebaselineRequest("m@*", 5.0)
-    assert back.matches("m@0123456789abcdef") and not back.matches("mm@0123456789abcdef")
+    assert back.matches("m@0123456789abcdef/s4r64") and not back.matches(
+        "mm@0123456789abcdef/s4r64"
+    )
+    exact = RebaselineRequest("org/m@0123456789abcdef", 5.0)
+    assert exact.matches("org/m@0123456789abcdef/s4r64") and exact.matches(
+        "org/m@0123456789abcdef/s0r256"
+    )
+    assert not exact.matches("org/m@fedcba9876543210/s4r64") and not exact.matches(
+        "m@0123456789abcdef/s4r64"
+    )
 
 
 @pytest.mark.parametrize(
