@@ -15,11 +15,12 @@ reference-counted, so several attached models share them and the last detach res
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import threading
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any, Protocol
 
 import torch
@@ -92,8 +93,6 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _bind_positional(original: Callable[..., Any], args: tuple[Any, ...]) -> dict[str, Any]:
-    import inspect
-
     names = [p.name for p in inspect.signature(original).parameters.values()][5:]
     return dict(zip(names, args, strict=False))
 
@@ -139,10 +138,73 @@ def check_supported(model: nn.Module) -> tuple[str, list[tuple[int, nn.Module]]]
                     f"expected {type(module).__module__} to define eager_attention_forward, got none "
                     f"({type(module).__name__} cannot be measured with attention implementation 'eager')"
                 )
-    return implementation, modules
+    return implementation, _dispatching_modules(model, implementation, modules)
 
 
-def _module_of(module: nn.Module) -> ModuleType:
+# GPT-2's `reorder_and_upcast_attn` (also in ImageGPT and Decision Transformer) makes the eager
+# path call the module's own `_upcast_and_reordered_attn` instead of `eager_attention_forward`.
+_OWN_EAGER_FLAGS = ("reorder_and_upcast_attn",)
+
+
+def _dispatching_modules(
+    model: nn.Module, implementation: str, modules: list[tuple[int, nn.Module]]
+) -> list[tuple[int, nn.Module]]:
+    """Return the modules whose attention goes through a function `install` wraps; raise
+    UnsupportedModelError naming the class when some layer's attention does not.
+
+    A static check of the code (no probe pass): the module class must refer to the registry
+    (`ALL_ATTENTION_FUNCTIONS`) or, under eager, to `eager_attention_forward`. Falcon, say, reports
+    sdpa support but calls torch's kernel from its own forward, so the wrapper never sees it.
+    A wrapper module that shares its layer index with one that dispatches (BERT's `BertAttention`
+    around `BertSelfAttention`) is left out rather than refused.
+    """
+    needed = "eager_attention_forward" if implementation == "eager" else "ALL_ATTENTION_FUNCTIONS"
+    names = {cls: _class_names(cls) for cls in {type(m) for _, m in modules}}
+    kept = [(layer, m) for layer, m in modules if needed in names[type(m)]]
+    measured = {layer for layer, _ in kept}
+    for layer, module in modules:
+        if layer not in measured:
+            raise UnsupportedModelError(
+                f"expected attention modules that call transformers' {needed} for attention "
+                f"implementation {implementation!r}, got {type(module).__name__} (layer {layer}) of "
+                f"{type(model).__name__}, which computes attention in its own code"
+            )
+    if implementation == "eager":
+        for _, module in kept:
+            for flag in _OWN_EAGER_FLAGS:
+                if getattr(module, flag, False) is True:
+                    raise UnsupportedModelError(
+                        f"expected {flag}=False with attention implementation 'eager', got True for "
+                        f"{type(model).__name__} ({type(module).__name__} then computes attention "
+                        "in its own code)"
+                    )
+    return kept
+
+
+def _class_names(cls: type) -> set[str]:
+    """Return the global names the methods of an nn.Module subclass refer to."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is nn.Module or klass is object:
+            continue
+        for value in vars(klass).values():
+            function = inspect.unwrap(value) if callable(value) else None
+            code = getattr(function, "__code__", None)
+            if isinstance(code, types.CodeType):
+                names |= _code_names(code)
+    return names
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    """Return the names a code object and the functions nested in it refer to."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _module_of(module: nn.Module) -> types.ModuleType:
     return sys.modules[type(module).__module__]
 
 
@@ -218,7 +280,10 @@ def set_probe(module: nn.Module, probe: Probe | None) -> None:
 def pass_inputs(
     args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[int, int] | None, Any, Any]:
-    """Return ((batch, query_len) or None, cache, 2-D attention mask) of a model's forward call."""
+    """Return ((batch, query_len) or None, cache, attention mask as given) of a model's forward call.
+
+    The mask is read with `padding_mask` on measured passes only.
+    """
     ids = kwargs.get("input_ids", args[0] if args else None)
     if ids is None:
         ids = kwargs.get("inputs_embeds")
@@ -228,10 +293,31 @@ def pass_inputs(
         else None
     )
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    mask = kwargs.get("attention_mask")
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        mask = None
-    return shape, cache, mask
+    return shape, cache, kwargs.get("attention_mask")
+
+
+def padding_mask(mask: Any) -> torch.Tensor | None:
+    """Return the mask of a forward call that shows padding: 2-D (batch, slots) 0/1, 4-D as the
+    kernels take it, or None when there is none (no padding); raise ValueError for other forms.
+
+    `generate()` with a static cache passes a 4-D mask, or for models with several layer types
+    (`config.layer_types`) a dict of them by type; the full-attention one hides no real token.
+    """
+    if isinstance(mask, dict):
+        tensors = [m for m in mask.values() if m is not None]
+        mask = mask.get("full_attention", tensors[0] if tensors else None)
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"expected a 2-D or 4-D attention mask, got {shape}")
+    return mask
+
+
+def pass_position_ids(kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """Return the (batch, query_len) position ids of a model's forward call, if it was given any."""
+    ids = kwargs.get("position_ids")
+    return ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
 
 
 def cache_length(cache: Any) -> int:

@@ -24,9 +24,15 @@ import torch
 from torch import nn
 
 from collector.assemble import Identity, Layout, assemble
-from collector.hook import cache_length, output_cache, pass_inputs
+from collector.hook import (
+    cache_length,
+    output_cache,
+    padding_mask,
+    pass_inputs,
+    pass_position_ids,
+)
 from collector.metrics import CollectorMetrics
-from collector.plan import PassPlan, Phase, layer_inputs, plan_rows
+from collector.plan import PassPlan, Phase, layer_inputs, padding_rows, plan_rows
 from collector.sampling import RequestState, Sampler
 from collector.schema import HeadStatsMessage
 from collector.stats import StatsSpec, finish, finish_stacked, layer_pass
@@ -154,13 +160,18 @@ class PassCollector:
             return None
         # A measured pass: reading the padding mask from the device is allowed here.
         chosen = [b for b, s in enumerate(state.sampled) if s]
+        mask = padding_mask(mask)
+        unseen = None
         if mask is None:
             rows = np.ones((len(chosen), total), dtype=np.int8)
-        else:
+        elif mask.dim() == 2:
             rows = mask[chosen].to("cpu", torch.int8).numpy()[:, -total:]
+        else:
+            rows, unseen = padding_rows(mask, chosen, past, query_len, pass_position_ids(kwargs))
         plans = plan_rows(
-            rows, chosen, query_len, phase, self.layout.sink_tokens, self.layout.recent_tokens
-        )
+            rows, chosen, query_len, phase, self.layout.sink_tokens, self.layout.recent_tokens,
+            unseen,
+        )  # fmt: skip
         keep = self.sampler.long_enough([p.query_position + 1 for p in plans])
         plans = [p for p, ok in zip(plans, keep, strict=True) if ok]
         if not plans:

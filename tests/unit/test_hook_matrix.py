@@ -125,11 +125,13 @@ def inputs(batch_lengths: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def generate(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> Any:
+def generate(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int, **kwargs: Any
+) -> Any:
     with torch.no_grad():
         return model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
-            return_dict_in_generate=True, output_logits=True, pad_token_id=0,
+            return_dict_in_generate=True, output_logits=True, pad_token_id=0, **kwargs,
         )  # fmt: skip
 
 
@@ -218,6 +220,33 @@ def test_prefill_and_decode_rows_match_eager_probabilities(
     for i, message in enumerate(sink.messages):
         step, b = divmod(i, batch)
         assert message.phase == ("prefill" if step == 0 else "decode")
+        slots = np.concatenate([mask[b].numpy(), np.ones(step, dtype=np.int64)])
+        check(message, calls[step * layers : (step + 1) * layers], b, slots)
+
+
+# A static cache makes generate() pass the model a 4-D mask over the cache's slots (a dict of them
+# by layer type for Qwen2, Qwen3 and Gemma2) instead of the 2-D padding mask.
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_static_cache_padded_rows_match_eager_probabilities(name: str) -> None:
+    steps = 3
+    lengths = (40, 31)
+    ids, mask = inputs(lengths)
+    eager = build(name, "eager")
+    with capture(eager) as calls:
+        expected = generate(eager, ids, mask, steps)
+    model = build(name, MODELS[name][1])
+    sink = MemorySink()
+    with attach(
+        model, sink=sink, sample_rate=1.0, min_context_tokens=0, sink_tokens=SINK, recent_tokens=RECENT,
+        decode_every=1, max_decode_samples=steps, max_sampled_passes_per_second=1000.0,
+    ) as handle:  # fmt: skip
+        got = generate(model, ids, mask, steps, cache_implementation="static")
+    assert handle.errors == 0
+    assert torch.equal(got.sequences, expected.sequences)
+    batch, layers = len(lengths), 2
+    assert len(sink.messages) == steps * batch
+    for i, message in enumerate(sink.messages):
+        step, b = divmod(i, batch)
         slots = np.concatenate([mask[b].numpy(), np.ones(step, dtype=np.int64)])
         check(message, calls[step * layers : (step + 1) * layers], b, slots)
 
