@@ -175,7 +175,7 @@ def build(config: GenerateConfig) -> db.Dashboard:
             "Query heads in each attention pattern, summed over the selected models.",
             [
                 query(
-                    f"sum by (pattern) (headwatch_model_pattern_heads{M})",
+                    f"sum by (pattern) (max by (model_name, pattern) (headwatch_model_pattern_heads{M}))",
                     legend="{{pattern}}",
                 )
             ],
