@@ -23,6 +23,7 @@ import torch
 from collector import codec
 from collector.plan import PassPlan, RowPlan, key_offset
 from collector.schema import HeadStatsMessage, MessageHeader, core_stat_names
+from collector.stats import has_learned_sinks
 
 _VOLATILE_CONFIG_KEYS = frozenset(
     {
@@ -67,7 +68,9 @@ def config_hash(config: Mapping[str, Any]) -> str:
 
 def assemble(plan: PassPlan, identity: Identity, layout: Layout) -> list[HeadStatsMessage]:
     """Return one message per measured row of the pass; layers without results are NaN."""
-    names = core_stat_names(layout.top_k)
+    # The pass's statistics carry a learned sink mass when any layer has learned sink logits
+    # (`collector.stats.finish`).
+    names = core_stat_names(layout.top_k, has_learned_sinks(list(plan.partials.values())))
     if plan.stacked is not None:
         finished, values, visible_all = plan.stacked
         keep = [j for j, layer in enumerate(finished) if layer < layout.num_layers]

@@ -4,12 +4,13 @@ Usage:
     sink = MemorySink()
     with attach(model, sink=sink, sample_rate=1.0, min_context_tokens=0): model(ids)
 
-Fails fast here (bad settings, unsupported model or attention implementation); never raises
-once attached.
+Fails fast here (bad settings, unsupported model or attention implementation, a metrics port
+in use), leaving nothing behind; never raises once attached.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import socket
@@ -147,7 +148,54 @@ def attach(
     owns_metrics = metrics is None
     metrics = metrics if metrics is not None else CollectorMetrics()
     owns_sink = sink is None
-    sink = sink if sink is not None else build_sink(settings, metrics)
+    # If a step fails, what the earlier ones installed is removed and what they started (the
+    # endpoint, a sink built here; never the caller's) is closed, in reverse order.
+    started: list[Callable[[], None]] = []
+    undo: list[Callable[[], None]] = []
+    try:
+        if owns_metrics and settings.metrics_port is not None:
+            started.append(metrics.close)
+            serve_metrics(metrics, settings.metrics_port, settings.metrics_address)
+        if sink is None:
+            sink = build_sink(settings, metrics)
+            started.append(functools.partial(sink.close, 0.0))
+        collector = _collector(model, settings, sink, metrics, num_layers, rng)
+        targets = install(modules)
+        undo.append(lambda: uninstall(targets))
+        for layer, module in modules:
+            set_probe(module, Probe(layer, collector))
+            undo.append(functools.partial(set_probe, module, None))
+        pre = model.register_forward_pre_hook(collector.before_pass, with_kwargs=True)
+        undo.append(pre.remove)
+        post = model.register_forward_hook(collector.after_pass, with_kwargs=True, always_call=True)
+        undo.append(post.remove)
+    except BaseException:
+        for step in [*reversed(undo), *reversed(started)]:
+            step()
+        raise
+    return AttachHandle(model, settings, sink, metrics, collector, (owns_sink, owns_metrics), undo)
+
+
+def serve_metrics(metrics: CollectorMetrics, port: int, address: str) -> int:
+    """Start the metrics endpoint and return its port; SettingsError naming the port if it cannot."""
+    try:
+        return metrics.serve(port, address)
+    except OSError as exc:
+        raise SettingsError(
+            f"metrics_port: expected a port free to serve metrics on {address}, got {port} "
+            f"({exc.strerror or exc})"
+        ) from exc
+
+
+def _collector(
+    model: nn.Module,
+    settings: CollectorSettings,
+    sink: Sink,
+    metrics: CollectorMetrics,
+    num_layers: int,
+    rng: random.Random | None,
+) -> PassCollector:
+    """Return the collector of a model's passes, publishing to `sink`, its counters at 0."""
     identity = model_identity(model, settings)
     top_k = settings.effective_top_k()
     layout = Layout(
@@ -177,19 +225,7 @@ def attach(
     spec = StatsSpec(
         top_k=top_k, chunk_keys=settings.chunk_keys, middle_keys=settings.top_middle_positions
     )
-    collector = PassCollector(sampler, spec, identity, layout, sink.publish, metrics, guard)
-    undo: list[Callable[[], None]] = []
-    targets = install(modules)
-    undo.append(lambda: uninstall(targets))
-    for layer, module in modules:
-        set_probe(module, Probe(layer, collector))
-        undo.append(lambda module=module: set_probe(module, None))  # type: ignore[misc]
-    pre = model.register_forward_pre_hook(collector.before_pass, with_kwargs=True)
-    post = model.register_forward_hook(collector.after_pass, with_kwargs=True, always_call=True)
-    undo.extend([pre.remove, post.remove])
-    if owns_metrics and settings.metrics_port is not None:
-        metrics.serve(settings.metrics_port, settings.metrics_address)
-    return AttachHandle(model, settings, sink, metrics, collector, (owns_sink, owns_metrics), undo)
+    return PassCollector(sampler, spec, identity, layout, sink.publish, metrics, guard)
 
 
 class _CallableModule(types.ModuleType):

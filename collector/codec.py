@@ -206,7 +206,7 @@ def _check_middle_positions(header: schema.MessageHeader) -> None:
 
 @functools.lru_cache(maxsize=64)  # only names that pass are cached: a raise is not
 def _check_stat_names(names: tuple[str, ...], top_k: tuple[int, ...]) -> None:
-    expected = schema.core_stat_names(top_k)
+    expected = schema.core_stat_names(top_k, learned_sinks=schema.LEARNED_SINK_STAT in names)
     for n in names:
         schema.quantum_of(n)
     if names != expected:
@@ -234,11 +234,17 @@ def _check_ranges(header: schema.MessageHeader, values: np.ndarray, valid: np.nd
     masses = values[mass_rows(header.stat_names)]
     if (masses > 1 + schema.MASS_TOLERANCE).any():
         raise schema.SchemaError("out_of_range", f"a mass of {np.nanmax(masses):g} is above 1")
-    if (values[rows["sink_mass"]] + values[rows["recent_mass"]] > 1 + schema.MASS_TOLERANCE).any():
-        raise schema.SchemaError("out_of_range", "sink + recent mass is above 1")
+    regions = values[rows["sink_mass"]] + values[rows["recent_mass"]]
+    if header.learned_sinks:
+        regions = regions + values[rows[schema.LEARNED_SINK_STAT]]
+    if (regions > 1 + schema.MASS_TOLERANCE).any():
+        raise schema.SchemaError("out_of_range", "sink + recent (+ learned sink) mass is above 1")
     visible = np.asarray(header.visible_keys, dtype=np.float64)[:, None]
     if (values[rows["keys_for_90pct"]] > visible).any():  # keys - visible > 0, exactly
         raise schema.SchemaError("out_of_range", "keys_for_90pct exceeds the visible keys")
-    log_keys = np.log(np.maximum(visible, 1))
-    if (values[rows["entropy_nats"]] - log_keys > 1e-3).any():
-        raise schema.SchemaError("out_of_range", "entropy_nats exceeds ln(visible keys)")
+    # A learned sink is one more outcome than the visible keys (`schema.outcomes`).
+    log_outcomes = np.log(np.maximum(schema.outcomes(header), 1))[:, None]
+    if (values[rows["entropy_nats"]] - log_outcomes > 1e-3).any():
+        raise schema.SchemaError(
+            "out_of_range", "entropy_nats exceeds ln(visible keys, plus 1 with a learned sink)"
+        )

@@ -37,16 +37,16 @@ class CollectorMetrics:
         self.dropped = Counter(
             "headwatch_collector_dropped", "Messages dropped", ["model_name", "reason"], registry=r
         )
+        # No model_name: one queue serves every model attached to a sink; a per-model series
+        # would go stale as soon as another model's message moved the queue.
         self.queue_messages = Gauge(
             "headwatch_collector_queue_messages",
             "Messages waiting in the publisher queue",
-            ["model_name"],
             registry=r,
         )
         self.queue_bytes = Gauge(
             "headwatch_collector_queue_bytes",
             "Bytes waiting in the publisher queue",
-            ["model_name"],
             registry=r,
         )
         self.stats_seconds = Histogram(

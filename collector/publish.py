@@ -96,6 +96,9 @@ class KafkaSink:
         self._failed_attempts = 0  # connection attempts since the last success (logged once)
         self._failing_since: float | None = None  # the first failed send since the last success
         self._next_probe = 0.0
+        # No producer: when to try to connect again. Only time brings it nearer: a publish wakes
+        # the thread, and would otherwise make it probe once per message through an outage.
+        self._next_attempt = 0.0
         self._thread = threading.Thread(target=self._run, name="headwatch-publisher", daemon=True)
         self._thread.start()
 
@@ -114,7 +117,7 @@ class KafkaSink:
             else:
                 self._queue.append((message, size))
                 self._queued_bytes += size
-                self._gauges(name)
+                self._gauges()
                 self._cond.notify()
                 return
         self.metrics.drop(name, reason)
@@ -131,9 +134,10 @@ class KafkaSink:
         with self._cond:
             return self._in_flight_bytes
 
-    def _gauges(self, name: str) -> None:
-        self.metrics.queue_messages.labels(model_name=name).set(len(self._queue))
-        self.metrics.queue_bytes.labels(model_name=name).set(self._queued_bytes)
+    def _gauges(self) -> None:
+        """Set the queue gauges (under the lock): one queue for every model this sink serves."""
+        self.metrics.queue_messages.set(len(self._queue))
+        self.metrics.queue_bytes.set(self._queued_bytes)
 
     def _connect(self) -> bool:
         from kafka import KafkaProducer
@@ -204,15 +208,22 @@ class KafkaSink:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait()
+                while not self._closing:
+                    if not self._queue:
+                        self._cond.wait()
+                        continue
+                    backoff = 0.0
+                    if self._producer is None:
+                        backoff = self._next_attempt - time.monotonic()
+                    if backoff <= 0:
+                        break
+                    self._cond.wait(backoff)
                 if self._closing:
                     return
             if self._producer is not None and self._brokers_gone():
                 self._drop_producer()
             if self._producer is None and not self._connect():
-                with self._cond:
-                    self._cond.wait(self.settings.reconnect_backoff_seconds)
+                self._next_attempt = time.monotonic() + self.settings.reconnect_backoff_seconds
                 continue
             self._send_one()
 
@@ -257,12 +268,12 @@ class KafkaSink:
             data = message.to_bytes()
         except Exception:
             logger.warning("cannot encode a message of %s", name, exc_info=True)
-            self._release_queued(size, name)
+            self._release_queued(size)
             self.metrics.drop(name, "too_large")
             return
         del message
         if len(data) > MAX_MESSAGE_BYTES:
-            self._release_queued(size, name)
+            self._release_queued(size)
             self.metrics.drop(name, "too_large")
             return
         # Until the send settles kafka-python holds the value, the record batch it was copied into
@@ -270,7 +281,7 @@ class KafkaSink:
         charge = _PRODUCER_COPIES * len(data)
         with self._cond:
             self._in_flight_bytes += charge
-        self._release_queued(size, name)
+        self._release_queued(size)
         try:
             future = self._producer.send(self.settings.topic, key=key, value=data)
         except Exception as exc:
@@ -280,10 +291,10 @@ class KafkaSink:
         future.add_callback(lambda _meta: self._settle(charge, name, ok=True))
         future.add_errback(lambda exc: self._settle(charge, name, ok=False, exc=exc))
 
-    def _release_queued(self, size: int, name: str) -> None:
+    def _release_queued(self, size: int) -> None:
         with self._cond:
             self._queued_bytes -= size
-            self._gauges(name)
+            self._gauges()
 
     def _settle(self, size: int, name: str, ok: bool, exc: BaseException | None = None) -> None:
         with self._cond:
@@ -318,6 +329,7 @@ class KafkaSink:
             self._queue.clear()
             # Only what is dropped here: a message being encoded releases its own bytes.
             self._queued_bytes -= sum(size for _, size in left)
+            self._gauges()
             self._cond.notify_all()
         for message, _ in left:
             self.metrics.drop(message.header.model_name, "closed")

@@ -12,6 +12,15 @@ rounding error stays below the accuracy the statistics are computed to (1e-5 abs
 and entropy, 1e-4 on the eviction error), which keeps a 32 x 32-head message near 10 KB.
 Messages never carry prompt text, token ids or anything that identifies a user.
 
+Models with learned sink logits (gpt-oss): the learned sink is one more outcome of each query
+head's attention distribution besides the visible keys, attached to no key and no value. Every
+statistic is of that whole distribution: the masses of keys are their probabilities next to
+the learned sink, the entropy counts it (so it can reach ln(visible keys + 1), and
+`normalized_entropy` divides by that), `keys_for_90pct` counts keys holding 90% of the keys'
+mass, and the eviction error keeps the learned sink (it is never evicted). Such messages carry
+its mass as `learned_sink_mass` (schema 1.1; `MessageHeader.learned_sinks`), and `middle_mass`
+is 1 - sink - recent - learned sink mass.
+
 The binary encoding and the checks of decoded messages live in `collector.codec`.
 This module and the codec import pydantic and numpy only: the exporter imports them without torch.
 """
@@ -31,7 +40,9 @@ from collector import codec
 TOPIC = "headwatch.head-stats.v1"
 DEAD_LETTER_TOPIC = f"{TOPIC}.dlq"
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 0
+# 1.1: messages of models with learned sink logits carry `learned_sink_mass` (see
+# `core_stat_names`); a 1.0 decoder rejects only those, as an unknown statistic.
+SCHEMA_MINOR = 1
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 MAX_MESSAGE_BYTES = 1 << 20
@@ -45,14 +56,21 @@ MAX_MIDDLE_KEYS = 64
 
 DEFAULT_TOP_K = (1, 16, 256)
 
+# The probability a model's learned sink logit takes (gpt-oss `sinks`: one more logit per query
+# head, softmaxed with the keys', attached to no key and no value). Only messages of models
+# that have them carry it.
+LEARNED_SINK_STAT = "learned_sink_mass"
+
 # Quantum of each statistic's fixed-point encoding: half of it is the largest rounding error.
 # Sink and recent mass: 2**-17 (error <= 3.8e-6), so that middle mass, which does not travel and
-# is 1 - sink - recent, stays within 7.6e-6. Top-k masses and entropy: 2**-16 (<= 7.6e-6);
-# eviction error: 2**-13 (<= 6.1e-5, its accuracy is 1e-4); key counts are integers.
+# is 1 - sink - recent, stays within 7.6e-6; the learned sink mass, which it also subtracts where
+# there is one, 2**-18 (<= 1.9e-6, so 9.5e-6 in all). Top-k masses and entropy: 2**-16
+# (<= 7.6e-6); eviction error: 2**-13 (<= 6.1e-5, its accuracy is 1e-4); key counts are integers.
 _QUANTUM: dict[str, float] = {
     "entropy_nats": 2.0**-16,
     "sink_mass": 2.0**-17,
     "recent_mass": 2.0**-17,
+    LEARNED_SINK_STAT: 2.0**-18,
     "eviction_error": 2.0**-13,
     "keys_for_90pct": 1.0,
 }
@@ -87,17 +105,24 @@ def quantum_of(stat: str) -> float:
     raise SchemaError("unknown_stat", f"unknown statistic {stat!r}")
 
 
-def core_stat_names(top_k: tuple[int, ...] = DEFAULT_TOP_K) -> tuple[str, ...]:
-    """Return the statistics every message carries, in wire order (middle mass is derived)."""
-    return _core_stat_names(tuple(top_k))
+def core_stat_names(
+    top_k: tuple[int, ...] = DEFAULT_TOP_K, learned_sinks: bool = False
+) -> tuple[str, ...]:
+    """Return the statistics a message carries, in wire order (middle mass is derived).
+
+    With `learned_sinks` (a model whose attention has learned sink logits) the mass of the
+    learned sink follows the recent mass: every mass of a message sits in consecutive rows.
+    """
+    return _core_stat_names(tuple(top_k), learned_sinks)
 
 
 @functools.lru_cache(maxsize=64)  # once per top-k set: the collector asks on every sampled pass
-def _core_stat_names(top_k: tuple[int, ...]) -> tuple[str, ...]:
+def _core_stat_names(top_k: tuple[int, ...], learned_sinks: bool) -> tuple[str, ...]:
     return (
         "entropy_nats",
         "sink_mass",
         "recent_mass",
+        *((LEARNED_SINK_STAT,) if learned_sinks else ()),
         *(top_k_stat(k) for k in top_k),
         "keys_for_90pct",
         "eviction_error",
@@ -127,7 +152,8 @@ class MessageHeader(BaseModel):
     head_dim: Annotated[int, Field(ge=1, le=65536)]
     kv_dtype_bytes: Annotated[int, Field(ge=1, le=8)]
     sample_rate: Annotated[float, Field(gt=0, le=1)]
-    top_k: tuple[Annotated[int, Field(ge=1)], ...] = DEFAULT_TOP_K
+    # At least one k: the exporter's pattern classifier reads the top-k masses.
+    top_k: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(min_length=1)] = DEFAULT_TOP_K
     visible_keys: tuple[Annotated[int, Field(ge=0, le=MAX_TOKENS)], ...]
     flags: tuple[Flag, ...] = ()
     stat_names: tuple[str, ...]
@@ -158,6 +184,16 @@ class MessageHeader(BaseModel):
         """Return the Kafka key: one model identity aggregates in one partition."""
         return f"{self.model_name}@{self.config_hash}"
 
+    @property
+    def learned_sinks(self) -> bool:
+        """Return whether the model has learned sink logits (the message carries their mass).
+
+        The learned sink is one more outcome of the attention distribution, besides the
+        visible keys: the entropy can reach ln(visible keys + 1), and the sink, recent, middle
+        and learned sink masses sum to 1.
+        """
+        return LEARNED_SINK_STAT in self.stat_names
+
 
 @dataclass(frozen=True)
 class StatArrays:
@@ -186,6 +222,9 @@ class StatArrays:
         return self.values[self.index(name)]
 
 
+_HEADER_PROPERTIES = frozenset({"query_heads_per_kv_head", "model_key", "learned_sinks"})
+
+
 def _no_arrays() -> StatArrays:
     return StatArrays((), np.zeros((0, 0, 0)), np.zeros((0, 0), dtype=bool))
 
@@ -207,7 +246,7 @@ class HeadStatsMessage(BaseModel):
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):  # private attributes: the hot path of decoding
             return super().__getattr__(name)  # type: ignore[misc]
-        if name in MessageHeader.model_fields or name in {"query_heads_per_kv_head", "model_key"}:
+        if name in MessageHeader.model_fields or name in _HEADER_PROPERTIES:
             return getattr(self.header, name)
         return super().__getattr__(name)  # type: ignore[misc]
 
@@ -281,12 +320,15 @@ class HeadStatsMessage(BaseModel):
         """Return one statistic as a float array (num_layers, num_query_heads); NaN = not measured."""
         arrays = self.arrays()
         if name == "normalized_entropy":
-            log_keys = np.log(np.maximum(np.asarray(self.header.visible_keys, dtype=np.float64), 1))
+            log_keys = np.log(np.maximum(outcomes(self.header), 1))
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = arrays["entropy_nats"] / log_keys[:, None]
             return np.where(log_keys[:, None] > 0, ratio, 0.0)
         if name == "middle_mass":
+            # The learned sink belongs to no key: it is neither sink, recent nor middle.
             middle = 1.0 - arrays["sink_mass"] - arrays["recent_mass"]
+            if self.header.learned_sinks:
+                middle -= arrays[LEARNED_SINK_STAT]
             return np.clip(middle, 0.0, 1.0)
         return arrays[name]
 
@@ -303,6 +345,15 @@ class HeadStatsMessage(BaseModel):
     def from_bytes(cls, data: bytes) -> HeadStatsMessage:
         """Decode and validate a message, or raise SchemaError with a reason for metrics."""
         return cls._from_parts(*codec.decode(data))
+
+
+def outcomes(header: MessageHeader) -> np.ndarray:
+    """Return (num_layers,) float64: the outcomes of each layer's attention distribution.
+
+    The visible keys, plus one for the learned sink where the model has one: the entropy is at
+    most the logarithm of this, and `normalized_entropy` divides by it.
+    """
+    return np.asarray(header.visible_keys, dtype=np.float64) + float(header.learned_sinks)
 
 
 def json_schema() -> dict[str, Any]:

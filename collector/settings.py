@@ -17,7 +17,7 @@ from collector.errors import SettingsError
 from collector.schema import DEFAULT_TOP_K, MAX_MIDDLE_KEYS, TOPIC, core_stat_names
 
 _TOP_K = re.compile(r"^top([1-9][0-9]*)_mass$")
-_KNOWN_STATS = frozenset({"middle_mass", *core_stat_names(())})
+_KNOWN_STATS = frozenset({"middle_mass", *core_stat_names((), learned_sinks=True)})
 
 
 class KafkaSettings(BaseModel):

@@ -43,11 +43,12 @@ def _collector(dash: db.Dashboard, config: GenerateConfig) -> db.Dashboard:
     dash = dash.with_panel(
         timeseries_panel(
             "Publisher queue depth",
-            "Messages waiting in each collector's bounded queue; a full queue drops, never blocks.",
+            "Messages waiting in each collector's bounded queue (one per serving process, shared by "
+            "its models, so not filtered by model); a full queue drops, never blocks.",
             [
                 query(
-                    f"sum by (model_name, instance) (headwatch_collector_queue_messages{M})",
-                    legend="{{model_name}} {{instance}}",
+                    "sum by (instance) (headwatch_collector_queue_messages)",
+                    legend="{{instance}}",
                 )
             ],
             "none",
@@ -61,8 +62,8 @@ def _collector(dash: db.Dashboard, config: GenerateConfig) -> db.Dashboard:
             "Bytes waiting in each collector's queue.",
             [
                 query(
-                    f"sum by (model_name, instance) (headwatch_collector_queue_bytes{M})",
-                    legend="{{model_name}} {{instance}}",
+                    "sum by (instance) (headwatch_collector_queue_bytes)",
+                    legend="{{instance}}",
                 )
             ],
             "bytes",

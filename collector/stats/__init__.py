@@ -53,7 +53,7 @@ to 1.125 C per chunk):
 
 from __future__ import annotations
 
-from collector.stats.finish import finish, finish_stacked
+from collector.stats.finish import finish, finish_stacked, has_learned_sinks
 from collector.stats.inputs import LayerPartial, RowInputs, StatsSpec
 from collector.stats.layer import chunk_bounds, layer_pass, row_statistics
 
@@ -64,6 +64,7 @@ __all__ = [
     "chunk_bounds",
     "finish",
     "finish_stacked",
+    "has_learned_sinks",
     "layer_pass",
     "row_statistics",
 ]

@@ -18,39 +18,60 @@ from collector.stats.inputs import MASS_SLACK, LayerPartial, StatsSpec, pad_stac
 from collector.topk import host_view, sorted_descending
 
 
+def has_learned_sinks(partials: list[LayerPartial]) -> bool:
+    """Whether any layer of a pass has learned sink logits: then every layer reports their mass."""
+    return any(p.atom is not None for p in partials)
+
+
 def finish(partials: list[LayerPartial], spec: StatsSpec) -> list[dict[str, torch.Tensor]]:
     """Return the statistics of each layer's partial, computed for all layers at once.
 
     All partials come from one measured pass (same rows and heads); top-k widths and keep-set
-    sizes may differ between layers and are padded (zero weight), which changes no sum.
+    sizes may differ between layers and are padded (zero weight), which changes no sum. With
+    learned sink logits in any layer, every layer's statistics include `learned_sink_mass`
+    (0 in a layer without them).
     """
-    stacked = finish_stacked(partials, spec)
+    learned = has_learned_sinks(partials)
+    stacked = finish_stacked(partials, spec, learned)
     if stacked is None:
-        return [finish([p], spec)[0] for p in partials]
+        return [_finish_alone(p, spec, learned) for p in partials]
     values, visible = stacked
-    names = core_stat_names(spec.top_k)
+    names = core_stat_names(spec.top_k, learned)
     return [
         {**dict(zip(names, layer.unbind(-1), strict=True)), "visible_keys": visible[i]}
         for i, layer in enumerate(values.unbind(0))
     ]
 
 
+def _finish_alone(partial: LayerPartial, spec: StatsSpec, learned: bool) -> dict[str, torch.Tensor]:
+    """`finish` of one layer, with a learned sink mass where its pass has one (`learned`)."""
+    stacked = finish_stacked([partial], spec, learned)
+    if stacked is None:  # one layer always has one shape
+        raise RuntimeError("finish_stacked refused a single layer")
+    values, visible = stacked
+    names = core_stat_names(spec.top_k, learned)
+    return {**dict(zip(names, values[0].unbind(-1), strict=True)), "visible_keys": visible[0]}
+
+
 def finish_stacked(
-    partials: list[LayerPartial], spec: StatsSpec
+    partials: list[LayerPartial], spec: StatsSpec, learned_sinks: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Return (layers, n, heads, stats) float32 in `core_stat_names` order and visible keys (layers, n).
 
-    None when the layers differ in rows, heads or head size (then `finish` takes them one by one).
+    The statistics include `learned_sink_mass` when `learned_sinks` is true (None: when any of
+    these layers has learned sink logits, `has_learned_sinks`). None when the layers differ in
+    rows, heads or head size (then `finish` takes them one by one).
     """
+    learned = has_learned_sinks(partials) if learned_sinks is None else learned_sinks
     for partial in partials:  # fill the top-k and counts of batched layers
         if partial.batch is not None:
             partial.batch.flush()
     if len({(p.out.shape, p.keep_values.shape[-1]) for p in partials}) > 1:
         return None
     if topk.on_host(partials[0].out):
-        return _finish_host(partials, spec)
+        return _finish_host(partials, spec, learned)
     if all(p.counted_by_sort for p in partials):
-        return _finish_sorted(partials, spec)
+        return _finish_sorted(partials, spec, learned)
     layers = len(partials)
     n, kv_heads, group, _ = partials[0].out.shape
     high = torch.stack([p.high for p in partials])
@@ -104,17 +125,20 @@ def finish_stacked(
         # NaN shows in their entropy.
         bad.logical_or_(~torch.isfinite(entropy))
     parts = [entropy, sink_mass, recent_mass, top_masses, keys_needed, eviction]
+    if learned:
+        parts.insert(3, torch.zeros_like(total) if atoms is None else atoms / total)
     return _stat_table(parts, bad, kv_heads * group), visible
 
 
 def _finish_sorted(
-    partials: list[LayerPartial], spec: StatsSpec
+    partials: list[LayerPartial], spec: StatsSpec, learned: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`finish_stacked` of `device_pass` partials only, about 20 operations fewer.
 
     Their maximum is 0 and their total 1 (everything is relative to the log-sum-exp), their
     output is normalised, their top-k are probabilities sorted largest first and their counts
-    come from the sort.
+    come from the sort. They have no learned sink logits (a learned sink mass of 0 where
+    `learned` asks for one).
     """
     layers = len(partials)
     n, kv_heads, group, _ = partials[0].out.shape
@@ -132,6 +156,8 @@ def _finish_sorted(
     # a row whose logits are not finite has a NaN entropy
     bad = (visible == 0).reshape(layers, n, 1, 1, 1).logical_or(~torch.isfinite(entropy))
     parts = [entropy, sink_mass, recent_mass, top_masses, keys_needed, eviction]
+    if learned:
+        parts.insert(3, torch.zeros_like(sink_mass))
     return _stat_table(parts, bad, kv_heads * group), visible
 
 
@@ -175,7 +201,9 @@ def _keep_set(
     kept_weight = relative.sum(-1, keepdim=True)
     if atom_logit is not None:
         kept_weight += torch.exp(atom_logit - keep_high)
-    kept = kept / kept_weight
+    # Nothing kept (S = R = 0, or a sliding window past the sink tokens and R = 0): o' = 0 and
+    # the error is 1, not 0 / 0. A kept key weighs at least 1 here (the largest is exp(0)).
+    kept = kept / kept_weight.clamp_(min=torch.finfo(kept_weight.dtype).tiny)
     eviction = torch.linalg.vector_norm(output - kept, dim=-1, keepdim=True)
     eviction = eviction / torch.linalg.vector_norm(output, dim=-1, keepdim=True)
     return sink_mass, recent_mass, eviction
@@ -184,8 +212,8 @@ def _keep_set(
 def _stat_table(parts: list[torch.Tensor], bad: torch.Tensor, heads: int) -> torch.Tensor:
     """Return (layers, n, heads, stats) from the parts in `core_stat_names` order, NaN where bad.
 
-    parts: entropy, sink, recent, top-k masses, keys_for_90pct, eviction error, each (layers,
-    n, kv_heads, group, width).
+    parts: entropy, sink, recent, (learned sink,) top-k masses, keys_for_90pct, eviction error,
+    each (layers, n, kv_heads, group, width).
     """
     stacked = torch.cat(parts, dim=-1).masked_fill_(bad, math.nan)
     return stacked.reshape(stacked.shape[0], stacked.shape[1], heads, -1)
@@ -208,7 +236,7 @@ def _counted(keys_needed: torch.Tensor, from_sort: bool) -> torch.Tensor:
 
 
 def _finish_host(
-    partials: list[LayerPartial], spec: StatsSpec
+    partials: list[LayerPartial], spec: StatsSpec, learned: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`finish_stacked` in numpy, step for step, for partials in CPU memory.
 
@@ -274,12 +302,15 @@ def _finish_host(
         kept_weight = relative.sum(-1, keepdims=True)
         if atoms is not None:
             kept_weight = kept_weight + np.exp(np.log(atoms) + high - keep_high)
-        kept = kept / kept_weight
+        # Nothing kept: o' = 0 and the error is 1 (see `_keep_set`).
+        kept = kept / np.maximum(kept_weight, np.finfo(kept_weight.dtype).tiny)
         eviction = np.linalg.norm(output - kept, axis=-1, keepdims=True)
         eviction = eviction / np.linalg.norm(output, axis=-1, keepdims=True)
     visible = stacked("visible")
     bad = (visible == 0).reshape(layers, n, 1, 1, 1) | ~np.isfinite(lse)
     parts = [entropy, sink_mass, kept_mass - sink_mass, top_masses, keys_needed, eviction]
+    if learned:
+        parts.insert(3, np.zeros_like(total) if atoms is None else atoms / total)
     result = np.concatenate(parts, axis=-1).astype(np.float32)
     np.copyto(result, np.float32(np.nan), where=bad)
     stats = torch.from_numpy(result.reshape(layers, n, kv_heads * group, -1))

@@ -103,7 +103,7 @@ def test_failures_are_counted_logged_and_disable_the_hook(
     assert len(tracebacks) == 1
 
 
-def test_fully_masked_sequence_is_flagged_not_raised() -> None:
+def test_all_padding_sequence_is_skipped_not_raised() -> None:
     model = llama("eager")
     ids = torch.randint(0, 64, (2, 12))
     mask = torch.ones_like(ids)
@@ -112,7 +112,34 @@ def test_fully_masked_sequence_is_flagged_not_raised() -> None:
     with torch.no_grad(), attach(model, sink=sink, sample_rate=1.0, min_context_tokens=0) as handle:
         model(ids, attention_mask=mask)
     assert handle.errors == 0
-    assert len(sink.messages) == 1  # the all-padding sequence has no query token to measure
+    (message,) = sink.messages  # the all-padding sequence has no query token to measure
+    assert message.flags == ()
+    assert message.valid.all()
+
+
+def test_fully_masked_row_is_flagged_not_raised() -> None:
+    """A layer whose mask hides every key from a measured row: that layer is not measured."""
+    model = llama("eager")
+
+    def hide_last_row_of_sequence_1(
+        module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        mask = kwargs["attention_mask"].clone()  # eager: additive (batch, 1, query, keys)
+        mask[1, :, -1, :] = torch.finfo(mask.dtype).min
+        return args, {**kwargs, "attention_mask": mask}
+
+    model.model.layers[1].self_attn.register_forward_pre_hook(
+        hide_last_row_of_sequence_1, with_kwargs=True
+    )
+    sink = MemorySink()
+    with torch.no_grad(), attach(model, sink=sink, sample_rate=1.0, min_context_tokens=0) as handle:
+        model(torch.randint(0, 64, (2, 12)))
+    assert handle.errors == 0
+    first, second = sink.messages
+    assert first.flags == () and first.valid.all()
+    assert second.flags == ("fully_masked",)
+    assert second.visible_keys == (12, 0)
+    assert second.valid[0].all() and not second.valid[1].any()
 
 
 def test_non_finite_values_are_flagged() -> None:

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from collector import publish
 from collector.metrics import CollectorMetrics
 from collector.publish import FileSink, KafkaSink, MemorySink, host_port, read_jsonl
+from collector.schema import HeadStatsMessage
 from collector.settings import KafkaSettings
-from tests.helpers import open_sockets
+from tests.helpers import WaitTimeout, open_sockets, wait_until
 from tests.unit.test_schema import message
 
 
@@ -76,8 +78,68 @@ def test_kafka_sink_bounds_queue_bytes(unreachable: KafkaSettings) -> None:
     for i in range(200):
         sink.publish(message(seed=i))
     assert sink.queued[1] <= 100_000
-    assert metrics.value("headwatch_collector_queue_bytes", model_name="m") <= 100_000
+    assert 0 < metrics.value("headwatch_collector_queue_bytes") <= 100_000
     sink.close()
+
+
+def of_model(msg: HeadStatsMessage, model_name: str) -> HeadStatsMessage:
+    header = msg.header.model_copy(update={"model_name": model_name})
+    return HeadStatsMessage.build(header, {n: msg.stat(n) for n in msg.header.stat_names})
+
+
+def test_queue_gauges_count_the_one_queue_every_model_shares(unreachable: KafkaSettings) -> None:
+    """Two models publish through one sink: the gauges are the queue's, with no model_name."""
+    settings = unreachable.model_copy(
+        update={"queue_max_messages": 100, "reconnect_backoff_seconds": 60.0}
+    )
+    metrics = CollectorMetrics()
+    sink = KafkaSink(settings, metrics)  # no broker: nothing leaves the queue
+    try:
+        for i, name in enumerate(["a", "b", "a"]):
+            sink.publish(of_model(message(seed=i), name))
+        assert metrics.value("headwatch_collector_queue_messages") == 3
+        assert metrics.value("headwatch_collector_queue_bytes") == sink.queued[1] > 0
+        queue_samples = [
+            sample
+            for family in metrics.registry.collect()
+            if family.name.startswith("headwatch_collector_queue_")
+            for sample in family.samples
+        ]
+        assert len(queue_samples) == 2
+        assert all(sample.labels == {} for sample in queue_samples)
+    finally:
+        sink.close(timeout_seconds=0.1)
+    assert metrics.value("headwatch_collector_queue_messages") == 0
+
+
+def test_reconnect_attempts_wait_out_the_backoff_whatever_is_published(
+    unreachable: KafkaSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each publish wakes the publisher thread; only the backoff's deadline lets it try again."""
+    attempts: list[float] = []
+    probe = publish._accepts_connections
+
+    def counting(servers: list[str], timeout_seconds: float) -> bool:
+        attempts.append(time.monotonic())
+        return probe(servers, timeout_seconds)
+
+    monkeypatch.setattr(publish, "_accepts_connections", counting)
+    backoff = 2.0
+    settings = unreachable.model_copy(
+        update={"queue_max_messages": 100, "reconnect_backoff_seconds": backoff}
+    )
+    sink = KafkaSink(settings, CollectorMetrics())
+    try:
+        sink.publish(message(seed=0))
+        wait_until(lambda: attempts, 5.0, message="a first connection attempt")
+        for i in range(1, 6):
+            sink.publish(message(seed=i))
+            with pytest.raises(WaitTimeout):  # no attempt inside the backoff
+                wait_until(lambda: len(attempts) > 1, 0.05)
+        wait_until(lambda: len(attempts) > 1, 5.0, message="an attempt after the backoff")
+        assert attempts[1] - attempts[0] >= backoff
+    finally:
+        sink.close(timeout_seconds=0.1)
 
 
 def test_close_is_bounded_and_counts_what_is_left(unreachable: KafkaSettings) -> None:

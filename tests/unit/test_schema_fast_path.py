@@ -48,7 +48,22 @@ _FRAME = struct.Struct(">3sBI")
 _FACTORY = MessageFactory(
     layers=2, heads=4, kv_heads=2, probs=pattern_probs(2, 4, [1, 1, 1, 1, 1, 1, 1]), seed=5
 )
-BASES = [GOLDEN, *(_FACTORY.message(timestamp_seconds=float(i)).to_bytes() for i in range(4))]
+
+
+def _with_learned_sinks(msg: HeadStatsMessage) -> bytes:
+    """Return `msg` as a model with learned sink logits would send it (schema 1.1)."""
+    names = core_stat_names(msg.header.top_k, learned_sinks=True)
+    header = msg.header.model_copy(update={"schema_version": "1.1", "stat_names": names})
+    values = {n: msg.stat(n) for n in msg.header.stat_names}
+    values["learned_sink_mass"] = msg.stat("middle_mass") / 2
+    return HeadStatsMessage.build(header, values).to_bytes()
+
+
+BASES = [
+    GOLDEN,
+    *(_FACTORY.message(timestamp_seconds=float(i)).to_bytes() for i in range(4)),
+    _with_learned_sinks(_FACTORY.message(timestamp_seconds=5.0)),
+]
 
 
 def _split(data: bytes) -> tuple[str, bytes]:
@@ -101,7 +116,8 @@ def _reference_decode(data: bytes) -> tuple[MessageHeader, np.ndarray, np.ndarra
         raise SchemaError("shape", "")
     for name in names:
         quantum_of(name)
-    if names != core_stat_names(header.top_k):
+    learned = "learned_sink_mass" in names
+    if names != core_stat_names(header.top_k, learned):
         raise SchemaError("unknown_stat", "")
     stats = {}
     for i, name in enumerate(names):
@@ -110,11 +126,14 @@ def _reference_decode(data: bytes) -> tuple[MessageHeader, np.ndarray, np.ndarra
         stats[name] = np.where(valid, codes * quantum_of(name), np.nan)
     if valid.any():
         visible = np.asarray(header.visible_keys, dtype=np.float64)[:, None]
+        regions = stats["sink_mass"] + stats["recent_mass"]
+        if learned:  # schema 1.1: one more outcome, with a mass of its own
+            regions = regions + stats["learned_sink_mass"]
         if (
             max(np.nanmax(stats[n]) for n in names if n.endswith("_mass")) > 1 + MASS_TOLERANCE
-            or np.nanmax(stats["sink_mass"] + stats["recent_mass"]) > 1 + MASS_TOLERANCE
+            or np.nanmax(regions) > 1 + MASS_TOLERANCE
             or np.nanmax(stats["keys_for_90pct"] - visible) > 0
-            or np.nanmax(stats["entropy_nats"] - np.log(np.maximum(visible, 1))) > 1e-3
+            or np.nanmax(stats["entropy_nats"] - np.log(np.maximum(visible + learned, 1))) > 1e-3
         ):
             raise SchemaError("out_of_range", "")
     return header, valid, np.stack([stats[n] for n in names])

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
+from collections.abc import Callable
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from collector import topk
 from collector.stats import RowInputs, StatsSpec, row_statistics
 
 # Each test runs on the numpy (CPU) and the torch (GPU) path: see the stats_path fixture.
@@ -76,6 +81,7 @@ def direct(
         "top256_mass": cum[..., min(256, cum.shape[-1]) - 1].reshape(-1),
         "eviction_error": ((out - kept).norm(dim=-1) / out.norm(dim=-1)).reshape(-1),
         "keys_for_90pct": ((cum < target[..., None]).sum(-1) + 1).double().reshape(-1),
+        **({} if rows.sinks is None else {"learned_sink_mass": p_atom.reshape(-1)}),
     }
 
 
@@ -125,6 +131,17 @@ def test_learned_sink_logits_take_mass_from_every_key() -> None:
     assert_matches(got, direct(rows, 0.25))
 
 
+@pytest.mark.parametrize("chunk_keys", [512, 65536], ids=["chunks", "one"])
+def test_learned_sink_mass_is_reported_and_no_key_holds_it(chunk_keys: int) -> None:
+    """The learned sink is neither sink, recent nor middle: the keys hold 1 - its mass."""
+    rows = make_rows(2000, 1.0, sinks=torch.linspace(-1.0, 6.0, 6))
+    got = row_statistics(rows, 0.25, StatsSpec(chunk_keys=chunk_keys))
+    want = direct(rows, 0.25)
+    assert_matches(got, want)
+    assert float(want["learned_sink_mass"].max()) > 0.1
+    assert "learned_sink_mass" not in row_statistics(make_rows(400, 1.0), 0.25, StatsSpec())
+
+
 def test_fully_masked_row_is_nan_not_an_exception() -> None:
     rows = make_rows(64, 1.0)
     rows.bias.fill_(-math.inf)
@@ -143,18 +160,63 @@ def test_non_finite_keys_give_nan() -> None:
             assert bool(torch.isfinite(value[0, 3:]).all()), name
 
 
-def test_memory_stays_bounded_by_the_chunk_at_128k_keys() -> None:
-    """128K keys, 8 query heads: peak extra memory is a few chunks, not keys x heads."""
-    import tracemalloc
+def allocations(run: Callable[[], object]) -> tuple[int, int]:
+    """Return (the largest tensor torch allocates, the peak of numpy and Python memory) in `run`.
 
-    keys, chunk = 131072, 8192
-    rows = make_rows(keys, 0.2, kv_heads=2, group=4)
+    tracemalloc sees numpy's buffers but not torch's, which a dispatch mode sees: every tensor an
+    operation returns whose storage none of its arguments holds (views and `out=` results
+    excluded) is a new allocation. `run` runs once for each (the mode's own Python objects
+    would count in tracemalloc's peak).
+    """
+
+    class Largest(TorchDispatchMode):
+        nbytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            held = {
+                t.untyped_storage().data_ptr()
+                for t in pytree.tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)
+            }
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in held:
+                    Largest.nbytes = max(Largest.nbytes, t.untyped_storage().nbytes())
+            return out
+
+    with Largest():
+        run()
     tracemalloc.start()
-    got = row_statistics(rows, 0.25, StatsSpec(chunk_keys=chunk))
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    try:
+        run()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return Largest.nbytes, peak
+
+
+def test_memory_stays_bounded_by_the_chunk_at_128k_keys() -> None:
+    """128K keys, 8 query heads: no intermediate is larger than a chunk's logits or keys."""
+    keys, chunk, kv_heads, group, d = 131072, 8192, 2, 4, 16
+    heads = kv_heads * group
+    rows = make_rows(keys, 0.2, kv_heads=kv_heads, group=group)
+    # torch: a chunk's float32 logits (rows x heads x chunk) or keys (rows x kv heads x chunk x
+    # d), at most 1.125 chunks long, or the float32 bias row of each row (rows x keys).
+    bound = 4 * max((chunk + chunk // 8) * max(heads, kv_heads * d), keys)
+    # numpy (the CPU's selections): a few chunks' copies, and the keys of the histogram's
+    # crossing bin, at most `_MAX_SORTED` per row and head (a few float64 copies of them).
+    crossing = 4 * 8 * heads * topk._MAX_SORTED
+    got: dict[str, torch.Tensor] = {}
+    largest, peak = allocations(
+        lambda: got.update(row_statistics(rows, 0.25, StatsSpec(chunk_keys=chunk)))
+    )
     assert bool(torch.isfinite(got["entropy_nats"]).all())
-    # tracemalloc sees Python allocations only; torch's own allocations are checked by the bound
-    # on the logits a chunk holds (8 heads x 8192 keys x 4 bytes = 256 KiB per temporary).
-    assert peak < 64 << 20
     assert abs(float(got["top1_mass"].sum()) - float(direct(rows, 0.25)["top1_mass"].sum())) < 1e-4
+    assert largest <= bound
+    assert peak <= 4 * bound + crossing
+    # The same measurement sees one chunk over every key.
+    whole = StatsSpec(chunk_keys=keys)
+    largest, peak = allocations(lambda: row_statistics(rows, 0.25, whole))
+    assert largest > 8 * bound
+    assert peak > 4 * bound + crossing or not topk.on_host(rows.query)
