@@ -105,14 +105,18 @@ def attach_loaded(model: Any) -> None:
 def _shared() -> dict[str, Any]:
     with _lock:
         if "sink" not in _state:
-            from collector.attach import build_sink
+            from collector.attach import build_sink, serve_metrics
+            from collector.errors import SettingsError
             from collector.metrics import CollectorMetrics
             from collector.settings import load_settings
 
             settings = load_settings()
             metrics = CollectorMetrics()
             if settings.metrics_port is not None:
-                metrics.serve(settings.metrics_port, settings.metrics_address)
+                try:
+                    serve_metrics(metrics, settings.metrics_port, settings.metrics_address)
+                except SettingsError as exc:  # measure anyway: the server must not notice
+                    logger.warning("headwatch collector metrics not served: %s", exc)
             _state.update(settings=settings, metrics=metrics, sink=build_sink(settings, metrics))
             atexit.register(shutdown)
         return _state

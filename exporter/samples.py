@@ -10,7 +10,7 @@ import functools
 
 import numpy as np
 
-from collector.schema import HeadStatsMessage, top_k_stat
+from collector.schema import LEARNED_SINK_STAT, HeadStatsMessage, top_k_stat
 from exporter.patterns import PatternInputs, PatternThresholds, classify
 from exporter.window import (
     QUANTA,
@@ -28,9 +28,14 @@ _INV_QUANTA = (1 / np.append(QUANTA, 2.0**-13))[:, None, None]
 
 
 @functools.lru_cache(maxsize=256)
-def _per_layer(visible_keys: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Return (1 / ln(visible keys), 0 where <= 1 key) as (layers, 1) and the keys as int64."""
-    log_keys = np.log(np.maximum(np.asarray(visible_keys, dtype=np.float64), 1))
+def _per_layer(visible_keys: tuple[int, ...], learned_sinks: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Return (1 / ln(outcomes), 0 where <= 1) as (layers, 1) and the visible keys as int64.
+
+    The outcomes are the visible keys, plus the learned sink where the model has one (as the
+    schema's `normalized_entropy`: the entropy counts it).
+    """
+    outcomes = np.asarray(visible_keys, dtype=np.float64) + float(learned_sinks)
+    log_keys = np.log(np.maximum(outcomes, 1))
     inv = np.divide(1.0, log_keys, out=np.zeros_like(log_keys), where=log_keys > 0)[:, None]
     keys = np.asarray(visible_keys, dtype=np.int64)
     inv.flags.writeable = keys.flags.writeable = False
@@ -52,10 +57,10 @@ def to_samples(msgs: list[HeadStatsMessage], thresholds: PatternThresholds) -> l
     """
     out: list[Sample] = []
     start = 0
-    while start < len(msgs):  # one run per top-k set (they are the same for one identity)
-        top_k = msgs[start].header.top_k
+    while start < len(msgs):  # one run per statistic order (the same for one identity)
+        order = msgs[start].header.stat_names
         end = start + 1
-        while end < len(msgs) and msgs[end].header.top_k == top_k:
+        while end < len(msgs) and msgs[end].header.stat_names == order:
             end += 1
         step = max(1, _BATCH_BYTES // msgs[start].arrays().values.nbytes)
         for first in range(start, end, step):
@@ -68,10 +73,11 @@ def _batch(msgs: list[HeadStatsMessage], thresholds: PatternThresholds) -> list[
     # One copy of every message's stacked statistics (msg.arrays() shares them, read-only).
     arrays = [m.arrays() for m in msgs]
     headers = [m.header for m in msgs]
-    per_layer = [_per_layer(h.visible_keys) for h in headers]
+    learned = headers[0].learned_sinks  # one statistic order, so the same for all
+    per_layer = [_per_layer(h.visible_keys, learned) for h in headers]
     values = np.stack([a.values for a in arrays])  # (messages, stats, layers, heads)
     valid = np.stack([a.valid for a in arrays])
-    names = arrays[0]  # one top-k set, so one statistic order (the schema fixes it)
+    names = arrays[0]  # one statistic order
 
     def stacked(name: str) -> np.ndarray:
         return values[:, names.index(name)]
@@ -80,6 +86,8 @@ def _batch(msgs: list[HeadStatsMessage], thresholds: PatternThresholds) -> list[
     hn = h * np.stack([inv for inv, _ in per_layer])
     m = 1.0 - s
     m -= r
+    if learned:  # the learned sink is no key's: neither sink, recent nor middle
+        m -= stacked(LEARNED_SINK_STAT)
     np.clip(m, 0.0, 1.0, out=m)
     tops = {k: stacked(top_k_stat(k)) for k in headers[0].top_k}
     pattern = classify(PatternInputs(h, hn, s, r, m, tops), thresholds)

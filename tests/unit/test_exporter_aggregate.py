@@ -10,6 +10,7 @@ from exporter.aggregate import Aggregator, Fold
 from exporter.drift import DriftPolicy
 from exporter.model_state import AggregatePolicy
 from exporter.reference import RebaselineRequest, decode_record
+from exporter.snapshot import MIDDLE, NORMALIZED_ENTROPY
 from tests.factories import MessageFactory, pattern_probs
 
 POLICY = AggregatePolicy(
@@ -253,3 +254,20 @@ def test_a_replayed_model_that_had_gone_quiet_expires_at_once() -> None:
     agg.fold_records(recent, partition=0, replay=[True] * 5, now_wall=now)
     assert agg.expire(now_wall=now) == []
     assert agg.expire(now_wall=now - 60 + 4 + 901) == ["tiny-llama@0123456789abcdef/s4r64"]
+
+
+@pytest.mark.parametrize("learned_sinks", [False, True], ids=["plain", "learned-sinks"])
+def test_window_means_follow_the_messages_middle_mass_and_normalized_entropy(
+    learned_sinks: bool,
+) -> None:
+    """A learned sink is no key's mass, and one more outcome for the entropy (collector.schema)."""
+    from collector.schema import HeadStatsMessage
+    from tests.unit.test_schema_learned_sinks import header, stats
+
+    msg = HeadStatsMessage.build(header(learned_sinks), stats(learned_sinks))
+    agg = Aggregator(POLICY)
+    agg.fold(msg, partition=0, replay=False, now_wall=1.0)
+    means = agg.snapshot()[0].means
+    for channel, name in ((NORMALIZED_ENTROPY, "normalized_entropy"), (MIDDLE, "middle_mass")):
+        np.testing.assert_allclose(means[channel], msg.stat(name), atol=2e-5)
+    assert np.allclose(means[MIDDLE], 0.4 if learned_sinks else 0.5, atol=2e-5)

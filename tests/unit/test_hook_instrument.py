@@ -81,3 +81,37 @@ def test_every_loaded_model_is_attached(
     sink = auto._state["sink"]
     assert len(sink.messages) == 1
     assert sink.messages[0].model_name == str(tmp_path)
+
+
+def test_a_metrics_port_in_use_still_attaches_and_says_so_in_one_line(
+    patched: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        port = busy.getsockname()[1]
+        monkeypatch.setenv("HEADWATCH_COLLECTOR_SINK", "memory")
+        monkeypatch.setenv("HEADWATCH_COLLECTOR_SAMPLE_RATE", "1.0")
+        monkeypatch.setenv("HEADWATCH_COLLECTOR_MIN_CONTEXT_TOKENS", "0")
+        monkeypatch.setenv("HEADWATCH_COLLECTOR_METRICS_PORT", str(port))
+        config = LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        )  # fmt: skip
+        LlamaForCausalLM(config).save_pretrained(tmp_path)
+        with caplog.at_level("WARNING", logger="collector.auto"):
+            model = LlamaForCausalLM.from_pretrained(tmp_path)
+        with torch.no_grad():
+            model(torch.randint(0, 64, (1, 12)))
+    finally:
+        busy.close()
+    assert len(auto._state["sink"].messages) == 1
+    (record,) = [r for r in caplog.records if r.name == "collector.auto"]
+    assert (
+        f"metrics_port: expected a port free to serve metrics on 127.0.0.1, got {port}"
+        in record.getMessage()
+    )
+    assert record.exc_info is None
