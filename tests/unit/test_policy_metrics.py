@@ -31,7 +31,7 @@ def _exporter_registry(sink: int = SINK, recent: int = RECENT) -> CollectorRegis
                              sink_tokens=sink, recent_tokens=recent, seed=3)  # fmt: skip
     for i in range(20):
         agg.fold(factory.message(timestamp_seconds=1000.0 + i), partition=0, replay=False,
-                 now_wall=0.0)  # fmt: skip
+                 now_wall=1000.0 + i)  # fmt: skip
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HeadwatchCollector(lambda: (agg.snapshot(), ExporterStats()), SeriesLimits()))
     return registry
