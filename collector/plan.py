@@ -166,7 +166,11 @@ def padding_rows(
         rows[i] = real
         # A row of the block that sees itself but that the query does not see: hidden by a window.
         hidden = own_host[i] & ~seen_host[i][past_slots - offset :]
-        if offset == 0 and not hidden.any():
+        # Slots before the query it does not see are padding or hidden by a window; position_ids
+        # tell which (for padding they give 0 unseen tokens). Without them, and with nothing
+        # that must be a window, they are taken as padding.
+        gaps = not real[offset : query_slot + 1].all()
+        if offset == 0 and not hidden.any() and (query_positions is None or not gaps):
             continue
         if query_positions is None:
             raise ValueError(

@@ -124,6 +124,8 @@ class ConsumerService:
                     self._next.pop(tp, None)
                     self._pending.pop(tp, None)
                     self._c.forget(tp)
+                if self._outbox is not None:
+                    self._outbox.disown(lost)
                     self._c.lag.pop((tp.topic, tp.partition), None)
             logger.info(
                 "partitions %s gone; dropped %d models", sorted(map(str, lost)), len(dropped)
@@ -207,7 +209,9 @@ class ConsumerService:
                 if now >= next_lag:
                     self._update_lag()
                     next_lag = now + _LAG_EVERY_SECONDS
-                if now >= next_expire:
+                # Not while rebuilding: replayed messages count for the TTL from their timestamps,
+                # so a model half replayed would expire and lose the replayed part.
+                if now >= next_expire and self._rebuild_started is None:
                     with self._lock:
                         for key in self.aggregator.expire(now):
                             logger.info("model %s expired after the TTL", key)
@@ -343,10 +347,13 @@ class ConsumerService:
             return True
         settled = self._outbox.settle(timeout_seconds=30)
         for letter in settled.acknowledged:
-            if letter.kind == "dead_letter" and letter.source in self._replay_until:
+            if letter.kind == "dead_letter" and letter.counted and letter.source is not None:
                 self._c.of(letter.source).dead_letters += 1
         for letter in settled.abandoned:
-            self._c.totals.abandoned[letter.kind] += 1
+            if letter.source is None:  # a reference: the replica's own write
+                self._c.totals.abandoned[letter.kind] += 1
+            elif letter.counted:
+                self._c.of(letter.source).abandoned[letter.kind] += 1
         if not settled.done:
             self._log_limited(
                 "outbox", "%d records not acknowledged yet; not committing", len(self._outbox)

@@ -198,19 +198,23 @@ class HeadwatchCollector(Collector):
             left -= taken
             active += taken
             self._add_heads(family, model, s, labels, [m & fits for m in in_budget])
-            for name, doc, values in (
+            # Both or neither: the unsafe alert needs the two together.
+            kv_series = (
                 ("headwatch_kv_head_safe_to_compress",
                  "1 when every query head of the KV head is safe for sink+recent", s.kv_safe),
                 ("headwatch_kv_head_verdict_ready",
-                 "1 when every query head of the KV head has the samples a verdict needs", s.kv_ready),
-            ):  # fmt: skip
+                 "1 when the KV head is safe, or unsafe on evidence (enough samples, error above the exit bound)",
+                 s.kv_ready),
+            )  # fmt: skip
+            size = 2 * s.kv_safe.size
+            if size > left:
+                dropped += size
+                continue
+            left -= size
+            kv_heads = s.num_kv_heads
+            for name, doc, values in kv_series:
                 kv_fam = family(name, doc, ["model_name", "layer", "kv_head"])
-                kv, kv_heads = values.ravel(), s.num_kv_heads
-                if kv.size > left:
-                    dropped += kv.size
-                    continue
-                left -= kv.size
-                for i, v in enumerate(kv.tolist()):
+                for i, v in enumerate(values.ravel().tolist()):
                     kv_fam.add_metric([model, str(i // kv_heads), str(i % kv_heads)], float(v))
         return [*fam.values(), *model_fams.families()], active, dropped
 

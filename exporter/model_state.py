@@ -21,7 +21,9 @@ from exporter.snapshot import CONTEXT_BUCKETS, ModelSnapshot
 from exporter.verdicts import (
     VerdictPolicy,
     eviction_quantiles,
+    kv_head_any,
     kv_head_safe,
+    measured_unsafe,
     reclaimable_bytes,
     update_safe,
 )
@@ -92,6 +94,8 @@ class ModelState:
         self.last_fold_wall = now_wall
         self.folded = 0
         self.safe = np.zeros(self.shape, dtype=bool)
+        # Heads unsafe on evidence, as of the last verdict (see evaluate_verdicts).
+        self.unsafe = np.zeros(self.shape, dtype=bool)
         self.drift = DriftState.empty(self.shape)
         self._test = new_counts(self.shape)
         self._test_rows = 0
@@ -186,9 +190,13 @@ class ModelState:
         self._test_rows = 0
 
     def evaluate_verdicts(self) -> None:
-        """Update the hysteresis state of the per-head verdicts from the current window."""
+        """Update the hysteresis state of the per-head verdicts from the current window, and which
+        heads are unsafe on evidence (a head between the two bounds with no history, after a
+        restart say, or one short of samples, is unsafe without being either)."""
         _, upper = eviction_quantiles(self.window.eviction_hist, self.policy.verdicts)
-        self.safe = update_safe(self.safe, upper, self.window.valid_counts, self.policy.verdicts)
+        counts = self.window.valid_counts
+        self.safe = update_safe(self.safe, upper, counts, self.policy.verdicts)
+        self.unsafe = measured_unsafe(upper, counts, self.policy.verdicts)
 
     def snapshot(self) -> ModelSnapshot:
         """Return the values to export now (copies; safe to render without the lock)."""
@@ -219,9 +227,7 @@ class ModelState:
             drift_distance=self.drift.distance.copy(),
             drift_since_seconds=self.drift.since_seconds.copy(),
             kv_safe=kv_safe,
-            kv_ready=kv_head_safe(
-                self.window.valid_counts >= self.policy.verdicts.min_samples, num_kv
-            ),
+            kv_ready=kv_safe | kv_head_any(self.unsafe, num_kv),
             reclaimable_bytes=reclaimable_bytes(
                 kv_safe,
                 self.window.mean_visible_keys(),

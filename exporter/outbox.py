@@ -34,6 +34,7 @@ class Letter:
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     kind: str = "dead_letter"
     source: TopicPartition | None = None
+    counted: bool = True  # False once `source` moved to another replica (it counts the record)
     attempts: int = 0
     future: Any = None
     error: BaseException | None = None
@@ -75,6 +76,13 @@ class Outbox:
             )
         except Exception as exc:  # buffer full, metadata timeout, a record the client refuses
             letter.future, letter.error = None, exc
+
+    def disown(self, partitions: set[TopicPartition]) -> None:
+        """Stop accounting letters to partitions this replica lost (their next owner counts the
+        records again); the letters are still delivered."""
+        for letter in self._letters:
+            if letter.source in partitions:
+                letter.counted = False
 
     def settle(self, timeout_seconds: float) -> Settled:
         """Flush, then sort the letters: acknowledged, sent again, or abandoned after the last try."""

@@ -35,8 +35,10 @@ class ModelSnapshot:
     drift_distance: np.ndarray
     drift_since_seconds: np.ndarray
     kv_safe: np.ndarray
-    # Whether every query head of the KV head has the samples a verdict needs (VERDICTS__MIN_SAMPLES):
-    # where not, `kv_safe` is 0 for want of evidence, not because the head was measured unsafe.
+    # Whether the KV head's verdict rests on evidence, as of the last verdict: it is safe, or a
+    # query head of it has the samples a verdict needs and an eviction error above the exit bound.
+    # Where not, `kv_safe` is 0 for want of evidence (too few samples; or between the bounds with
+    # no history, as after a restart), not because the head was measured unsafe.
     kv_ready: np.ndarray
     reclaimable_bytes: float
     messages_total: int

@@ -83,6 +83,18 @@ def update_safe(
     return enough & np.where(previous, stay, enter)
 
 
+def measured_unsafe(upper: np.ndarray, samples: np.ndarray, policy: VerdictPolicy) -> np.ndarray:
+    """Return (layers, heads): unsafe on evidence, with the samples a verdict needs and the upper
+    bound of the eviction error's quantile above the bound a safe head leaves at (exit_bound)."""
+    with np.errstate(invalid="ignore"):
+        return (samples >= policy.min_samples) & (upper > policy.exit_bound)
+
+
+def kv_head_any(query_flags: np.ndarray, num_kv_heads: int) -> np.ndarray:
+    """Return (layers, kv_heads): true when any query head of the group is (query h reads h // group)."""
+    return ~kv_head_safe(~query_flags, num_kv_heads)
+
+
 def kv_head_safe(query_safe: np.ndarray, num_kv_heads: int) -> np.ndarray:
     """Return (layers, kv_heads): safe when all query heads of the group are (query h reads h // group)."""
     layers, heads = query_safe.shape

@@ -41,3 +41,21 @@ def test_a_lost_partition_takes_its_uncommitted_counts_with_it() -> None:
     c.committed([A])
     c.publish(assigned_partitions=2)
     assert c.visible.messages_total == 3
+
+
+def test_letters_of_a_lost_partition_are_delivered_but_no_longer_counted() -> None:
+    from exporter.outbox import Letter, Outbox
+
+    class Refusing:  # a producer whose sends fail at once: the letters stay outstanding
+        def send(self, *args: object, **kwargs: object) -> None:
+            raise BufferError("buffer full")
+
+        def flush(self, timeout: float) -> None:
+            return None
+
+    outbox = Outbox(Refusing(), max_attempts=3)  # type: ignore[arg-type]
+    mine, lost = Letter("dlq", b"k", b"v", source=A), Letter("dlq", b"k", b"v", source=B)
+    outbox.send(mine)
+    outbox.send(lost)
+    outbox.disown({B})
+    assert (mine.counted, lost.counted) == (True, False) and len(outbox) == 2

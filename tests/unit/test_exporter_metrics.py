@@ -70,11 +70,12 @@ def test_required_metrics_are_exported() -> None:
     assert get("headwatch_exporter_invalid_messages_total", {"reason": "decode"}) == 0
 
 
-@pytest.mark.parametrize(("messages", "ready"), [(99, 0.0), (128, 1.0)])
-def test_a_kv_head_is_verdict_ready_once_its_heads_have_min_samples(
+@pytest.mark.parametrize(("messages", "ready"), [(99, 0.0), (110, 0.0), (128, 1.0)])
+def test_a_kv_head_is_verdict_ready_once_its_verdict_rests_on_min_samples(
     messages: int, ready: float
 ) -> None:
-    """Below VERDICTS__MIN_SAMPLES (100) a head reads unsafe for want of evidence: ready says so."""
+    """Below VERDICTS__MIN_SAMPLES (100) a head reads unsafe for want of evidence: ready says so,
+    and it changes with the verdict (every 64 folds here), not before it (110)."""
     registry, _ = _registry(_aggregator(messages=messages))
     kv = {"model_name": "tiny-llama", "layer": "1", "kv_head": "1"}
     assert registry.get_sample_value("headwatch_kv_head_verdict_ready", kv) == ready
@@ -219,3 +220,14 @@ def test_emits_exactly_the_names_of_docs_metrics_md() -> None:
     )
     emitted = set(re.findall(r"^# TYPE (\S+)", render(registry.collect()).decode(), re.MULTILINE))
     assert emitted == documented
+
+
+def test_the_two_kv_head_families_are_kept_or_dropped_together_under_any_cap() -> None:
+    """The unsafe alert joins them: one without the other would silence it."""
+    agg = _aggregator(messages=128)
+    for cap in range(0, 200, 3):
+        registry, _ = _registry(agg, SeriesLimits(max_series=cap))
+        kv = {"model_name": "tiny-llama", "layer": "1", "kv_head": "1"}
+        safe = registry.get_sample_value("headwatch_kv_head_safe_to_compress", kv)
+        ready = registry.get_sample_value("headwatch_kv_head_verdict_ready", kv)
+        assert (safe is None) == (ready is None), cap

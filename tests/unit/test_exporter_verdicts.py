@@ -8,7 +8,9 @@ import pytest
 from exporter.verdicts import (
     VerdictPolicy,
     eviction_quantiles,
+    kv_head_any,
     kv_head_safe,
+    measured_unsafe,
     reclaimable_bytes,
     update_safe,
 )
@@ -61,6 +63,24 @@ def test_kv_head_is_safe_only_if_all_its_query_heads_are() -> None:
     query = np.array([[True, True, True, False, False, False]])  # group of 3: kv 0 safe, kv 1 not
     assert kv_head_safe(query, 2).tolist() == [[True, False]]
     assert kv_head_safe(np.array([[True, True, False, True]]), 2).tolist() == [[True, False]]
+
+
+@pytest.mark.parametrize(
+    ("upper", "samples", "expected"),
+    [(0.09, 100, True), (0.06, 100, False), (0.09, 99, False), (np.nan, 0, False)],
+    ids=["above-exit", "between-bounds", "too-few-samples", "no-samples"],
+)
+def test_unsafe_on_evidence_needs_samples_and_an_error_above_the_exit_bound(
+    upper: float, samples: int, expected: bool
+) -> None:
+    """A head between the bounds is unsafe only for want of history (after a restart, say)."""
+    policy = VerdictPolicy(enter_bound=0.05, exit_bound=0.08, min_samples=100)
+    got = measured_unsafe(np.array([upper]), np.array([samples]), policy)
+    assert bool(got[0]) is expected
+
+
+def test_kv_head_is_unsafe_on_evidence_if_any_of_its_query_heads_is() -> None:
+    assert kv_head_any(np.array([[False, True, False, False]]), 2).tolist() == [[True, False]]
 
 
 def test_reclaimable_bytes_formula() -> None:

@@ -96,3 +96,25 @@ def test_padding_rows_of_a_window_sized_cache_count_the_tokens_before_it() -> No
     assert (plan.query_slot, plan.query_position) == (expected.query_slot, expected.query_position)
     assert plan.recent_slots.tolist() == expected.recent_slots.tolist()
     assert np.array_equal(plan.positions[-WINDOW:], expected.positions[-WINDOW:])
+
+
+def test_padding_rows_count_past_tokens_a_window_hides_from_a_full_length_mask() -> None:
+    """A window (W=4) hides cached slots 0-1 from a 3-token chunk after 3 cached tokens while the
+    mask still spans every slot (no offset): they are tokens, not padding (position_ids say so)."""
+    from collector.plan import padding_rows, plan_rows
+
+    past, chunk, window = 3, 3, 4
+    total = past + chunk
+    real = torch.ones(1, total, dtype=torch.long)
+    full = four_d(real, additive=False, window=window)[:, :, past:, :]  # the chunk's query rows
+    rows, unseen = padding_rows(full, [0], past, chunk, positions_of(real)[:, past:])
+    (plan,) = plan_rows(rows, [0], chunk, "prefill", 2, 2, unseen)
+    (expected,) = plan_rows(real.numpy(), [0], chunk, "prefill", 2, 2)
+    assert (plan.query_slot, plan.query_position) == (expected.query_slot, expected.query_position)
+    assert plan.sink_slots.tolist() == [] and plan.recent_slots.tolist() == [4, 5]
+    # left padding of a full-length mask stays padding: position_ids count real tokens only
+    padded = real.clone()
+    padded[0, :2] = 0
+    full = four_d(padded, additive=False)[:, :, past:, :]
+    rows, unseen = padding_rows(full, [0], past, chunk, positions_of(padded)[:, past:])
+    assert unseen == [0] and rows.tolist() == [padded[0].tolist()]
