@@ -25,13 +25,14 @@ from torch import nn
 
 from collector.assemble import Identity, Layout, config_hash
 from collector.errors import SettingsError
-from collector.hook import Probe, check_supported, install, set_probe, text_config, uninstall
+from collector.hook import Probe, install, set_probe, text_config, uninstall
 from collector.metrics import CollectorMetrics
 from collector.publish import FileSink, KafkaSink, MemorySink, Sink
 from collector.runtime import ErrorGuard, PassCollector
 from collector.sampling import Sampler, SamplingPolicy
 from collector.settings import CollectorSettings, load_settings
 from collector.stats import StatsSpec
+from collector.support import check_supported
 
 _PROBE_ATTR = "_headwatch_probe"
 

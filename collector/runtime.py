@@ -24,15 +24,10 @@ import torch
 from torch import nn
 
 from collector.assemble import Identity, Layout, assemble
-from collector.hook import (
-    cache_length,
-    output_cache,
-    padding_mask,
-    pass_inputs,
-    pass_position_ids,
-)
+from collector.hook import cache_length, output_cache, pass_inputs, pass_position_ids
+from collector.masks import padding_mask, padding_rows
 from collector.metrics import CollectorMetrics
-from collector.plan import PassPlan, Phase, layer_inputs, padding_rows, plan_rows
+from collector.plan import PassPlan, Phase, layer_inputs, plan_rows
 from collector.sampling import RequestState, Sampler
 from collector.schema import HeadStatsMessage
 from collector.stats import StatsSpec, finish, finish_stacked, layer_pass

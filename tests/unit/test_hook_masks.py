@@ -84,7 +84,8 @@ def test_a_sliding_window_mask_without_position_ids_is_refused_not_guessed() -> 
 
 
 def test_padding_rows_of_a_window_sized_cache_count_the_tokens_before_it() -> None:
-    from collector.plan import padding_rows, plan_rows
+    from collector.masks import padding_rows
+    from collector.plan import plan_rows
 
     # A decode step over a 16-slot window of a 41-slot sequence whose first 9 slots are padding.
     padding = torch.ones(1, 41, dtype=torch.long)
@@ -101,7 +102,8 @@ def test_padding_rows_of_a_window_sized_cache_count_the_tokens_before_it() -> No
 def test_padding_rows_count_past_tokens_a_window_hides_from_a_full_length_mask() -> None:
     """A window (W=4) hides cached slots 0-1 from a 3-token chunk after 3 cached tokens while the
     mask still spans every slot (no offset): they are tokens, not padding (position_ids say so)."""
-    from collector.plan import padding_rows, plan_rows
+    from collector.masks import padding_rows
+    from collector.plan import plan_rows
 
     past, chunk, window = 3, 3, 4
     total = past + chunk
