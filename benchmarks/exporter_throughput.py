@@ -37,9 +37,15 @@ from _exporter_common import (
 
 
 def _fold_offline(agg: Any, values: list[bytes]) -> None:
+    from exporter.aggregate import Fold
+
+    now = time.time()  # the messages are stamped a minute ago: what a live replica sees
     for start in range(0, len(values), 250):  # the consumer's poll batches
         chunk: list[bytes | None] = list(values[start : start + 250])
-        agg.fold_records(chunk, partition=0, replay=[False] * len(chunk), now_wall=0.0)
+        outcomes = agg.fold_records(chunk, partition=0, replay=[False] * len(chunk), now_wall=now)
+        refused = [o for o, _ in outcomes if o is not Fold.FOLDED]
+        if refused:  # a fold split that timed rejections would be no fold split
+            raise RuntimeError(f"expected every offline message folded, got {refused[0]!r}")
 
 
 def main() -> int:
@@ -128,6 +134,9 @@ def main() -> int:
                     raise SystemExit("the consumer stopped")
                 time.sleep(0.01)
             rss_end = rss_mib()
+            invalid = service.stats().invalid
+            if any(invalid.values()):  # rejections are cheaper than folds: no throughput figure
+                raise SystemExit(f"expected every message folded, got rejections {invalid}")
             state_mib = (
                 sum(
                     a.nbytes

@@ -72,10 +72,27 @@ def check_model_files(model_dir: Path) -> None:
             ) from exc
 
 
+def check_device(device: str) -> None:
+    """Raise ModelFilesError unless torch can place a model on `device` here."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as exc:
+        raise ModelFilesError(
+            f"expected a torch device such as cpu or cuda:0, got {device!r}"
+        ) from exc
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ModelFilesError(
+            f"expected a CUDA GPU for --device {device}, got none on this machine"
+        )
+
+
 def load_model(model_dir: Path | None, device: str = "cpu") -> tuple[Any, Any, str]:
     """Return (model, tokenizer, name) of a local HF causal-LM directory, or of the bundled model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_device(device)
     if model_dir is None:
         from headwatch.bundled import BundledModelError, load_bundled
 
@@ -239,8 +256,12 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
+    from collector.errors import CollectorError
+    from headwatch.report.html import check_report_folder
+
     out = args.out or default_out("analyze")
     try:
+        check_report_folder(out)
         model, tokenizer, name = load_model(args.model, args.device)
         if args.prompts:
             prompts = read_prompt_file(args.prompts, encoder(tokenizer), tokenizer.bos_token_id)
@@ -258,7 +279,7 @@ def main(argv: list[str]) -> int:
             "prompts": f"{len(prompts)} ({', '.join(p.name for p in prompts[:4])}{', ...' if len(prompts) > 4 else ''})",
         }
         build_report(out, f"headwatch analyze: {name}", summary, model, prompts[0], facts)
-    except HeadwatchToolError as exc:
+    except (HeadwatchToolError, CollectorError) as exc:  # CollectorError: settings, the model
         print(f"headwatch analyze: {exc}", file=sys.stderr)
         return 2
     print(pattern_map_text(summary))

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from collector.errors import SettingsError
+from collector.errors import CollectorError
 from headwatch.demo_kafka import KafkaPublisher
 from headwatch.report.errors import HeadwatchToolError, PortInUseError
 from headwatch.settings_errors import invalid_settings
@@ -174,11 +174,13 @@ def run(args: argparse.Namespace, settings: Any) -> int:
     )
     from headwatch.report.build import build_report, default_out
     from headwatch.report.by_kind import maps_by_kind
+    from headwatch.report.html import check_report_folder
     from headwatch.report.summary import summarize
     from headwatch.report.table import markdown_table, pattern_map_text, study_rows
 
     started = time.perf_counter()
     out = args.out or default_out("demo")
+    check_report_folder(out)
     recent = RECENT_TOKENS if args.recent_tokens is None else args.recent_tokens
     # --kafka: fail before loading the model when no broker answers.
     publisher = KafkaPublisher.connect(args.kafka) if args.kafka else None
@@ -221,6 +223,7 @@ def run(args: argparse.Namespace, settings: Any) -> int:
                 patterns=np.asarray(PATTERNS, dtype=object)[snap.pattern],
                 safe_kv_heads=snap.kv_safe,
                 verdict_source="exporter aggregation, in-process",
+                verdict_bound=settings.verdicts.enter_bound,
             )
         print(pattern_map_text(summary))
         by_kind = maps_by_kind(prompts, live.messages)
@@ -305,7 +308,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         return run(args, settings)
-    except (HeadwatchToolError, SettingsError) as exc:  # SettingsError: HEADWATCH_COLLECTOR_*
+    except (HeadwatchToolError, CollectorError) as exc:  # HEADWATCH_COLLECTOR_*, the model
         print(f"headwatch demo: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

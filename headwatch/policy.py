@@ -80,8 +80,9 @@ class KvPolicy:
         return np.where(self.streaming, safe_score, full_score)
 
 
-def from_summary(summary: HeadSummary, bound: float = 0.05) -> KvPolicy:
-    """Return the policy of an analysis: its safe KV heads stream, with its S and R."""
+def from_summary(summary: HeadSummary) -> KvPolicy:
+    """Return the policy of an analysis: its safe KV heads stream, with its S and R and the
+    bound its verdicts were taken at."""
     group = summary.group
     shape = (summary.num_layers, summary.num_kv_heads, group)
     p95 = summary.eviction_error_p95.reshape(shape)
@@ -96,7 +97,7 @@ def from_summary(summary: HeadSummary, bound: float = 0.05) -> KvPolicy:
         streaming=summary.safe_kv_heads.copy(),
         error=worst,
         source=f"analysis ({summary.samples} sampled rows; verdicts: {summary.verdict_source})",
-        error_bound=bound,
+        error_bound=summary.error_bound,
         mean_error=worst_mean,
     )
 
@@ -107,11 +108,13 @@ def from_metrics_text(
     sink_tokens: int | None = None,
     recent_tokens: int | None = None,
     where: str = "/metrics",
+    bound: float = 0.05,
 ) -> KvPolicy:
     """Return the policy in an exporter's /metrics exposition for one model.
 
     S and R come from the arguments when given, else from the exporter's
     `headwatch_model_sink_tokens` / `headwatch_model_recent_tokens`; PolicyError if neither.
+    `bound` is the exporter's VERDICTS__ENTER_BOUND (its metrics do not carry it).
     """
     verdicts = read_verdicts(text, model_name, where)
     sink, recent = verdicts.keep_set(sink_tokens, recent_tokens)
@@ -122,6 +125,7 @@ def from_metrics_text(
         verdicts.streaming,
         verdicts.error,
         f"exporter metrics at {where}",
+        error_bound=bound,
     )
 
 
@@ -162,7 +166,12 @@ def _rounded(value: float) -> float | None:
 def write_policy(policy: KvPolicy, out: Path) -> list[Path]:
     """Write policy.json and the DuoAttention pattern folder under `out`; return the files."""
     duo = out / DUO_DIR
-    duo.mkdir(parents=True, exist_ok=True)
+    try:
+        duo.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # --out names a file, or a folder this user cannot write
+        raise PolicyError(
+            f"expected a folder to write the policy into at {out}, got {exc}"
+        ) from exc
     files = [out / "policy.json", duo / "config.json", duo / "full_attention_heads.tsv"]
     files[0].write_text(json.dumps(to_dict(policy), indent=1) + "\n", encoding="utf-8")
     config = {
@@ -255,6 +264,13 @@ def _parser() -> argparse.ArgumentParser:
         help="R for --from-metrics (default: the exporter's headwatch_model_recent_tokens)",
     )
     p.add_argument(
+        "--bound",
+        type=float,
+        default=0.05,
+        help="for --from-metrics: the exporter's VERDICTS__ENTER_BOUND, written to the policy "
+        "(default 0.05, the exporter's default)",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         required=True,
@@ -267,14 +283,18 @@ def main(argv: list[str]) -> int:
     """Run `headwatch policy`; return the exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not 0 < args.bound < 1:
+        print(f"headwatch policy: expected 0 < --bound < 1, got {args.bound}", file=sys.stderr)
+        return 2
     try:
         if args.from_analysis is not None:
             policy = from_summary(read_summary_json(args.from_analysis))
         else:
             text = fetch_metrics(args.from_metrics)
             policy = from_metrics_text(
-                text, args.model_name, args.sink_tokens, args.recent_tokens, args.from_metrics
-            )
+                text, args.model_name, args.sink_tokens, args.recent_tokens, args.from_metrics,
+                args.bound,
+            )  # fmt: skip
         files = write_policy(policy, args.out)
     except HeadwatchToolError as exc:
         print(f"headwatch policy: {exc}", file=sys.stderr)

@@ -275,6 +275,13 @@ def main(argv: list[str]) -> int:
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.draws < 1 or args.prompts < 1:
+        print(
+            f"headwatch validate: expected --draws and --prompts >= 1, got {args.draws} and "
+            f"{args.prompts}",
+            file=sys.stderr,
+        )
+        return 2
     started = time.perf_counter()
     try:
         policy = read_policy(args.policy)

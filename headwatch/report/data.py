@@ -60,6 +60,7 @@ def summary_to_dict(summary: HeadSummary, rows: Sequence[StudyRow] = ()) -> dict
         "samples": summary.samples,
         "context_tokens": list(summary.context_tokens),
         "verdict_source": summary.verdict_source,
+        "error_bound": summary.error_bound,
         "heads": heads,
         "kv_heads": kv_heads,
         "table": [r.as_dict() for r in rows],
@@ -117,6 +118,7 @@ def read_summary_json(path: Path) -> HeadSummary:
             safe_query_heads=safe_q,
             safe_kv_heads=safe_kv,
             verdict_source=str(data.get("verdict_source", "analysis")),
+            error_bound=float(data.get("error_bound", 0.05)),  # files written before it existed
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise PolicyError(

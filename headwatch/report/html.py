@@ -28,11 +28,17 @@ logger = logging.getLogger(__name__)
 INDEX = "index.html"
 
 
+def check_report_folder(final: Path) -> None:
+    """Raise ReportError unless `final` is a new or empty folder (check before long work)."""
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        kind = "folder" if final.is_dir() else "file"
+        raise ReportError(f"expected a new or empty report folder, got existing {kind} {final}")
+
+
 @contextmanager
 def staged_report(final: Path) -> Iterator[Path]:
     """Yield a temporary folder; rename it to `final` on success, delete it on any exception."""
-    if final.exists() and any(final.iterdir()):
-        raise ReportError(f"expected a new or empty report folder, got existing {final}")
+    check_report_folder(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

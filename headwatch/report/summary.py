@@ -56,9 +56,10 @@ class HeadSummary:
     stats: dict[str, np.ndarray]
     eviction_error_p95: np.ndarray
     patterns: np.ndarray
-    safe_query_heads: np.ndarray
+    safe_query_heads: np.ndarray  # query heads whose KV head is safe (compression is per KV head)
     safe_kv_heads: np.ndarray
     verdict_source: str = "local"
+    error_bound: float = 0.05  # the eviction-error bound the verdicts were taken at
 
     @property
     def group(self) -> int:
@@ -125,11 +126,13 @@ def summarize(
     patterns: np.ndarray | None = None,
     safe_kv_heads: np.ndarray | None = None,
     verdict_source: str = "exporter rules on these samples",
+    verdict_bound: float | None = None,
 ) -> HeadSummary:
     """Return the per-head summary of `messages` with the exporter's patterns and verdicts.
 
     `patterns` (layers, heads) names and `safe_kv_heads` (layers, kv_heads), when given, replace
-    the labels and verdicts computed here (e.g. with those of a running exporter's aggregation).
+    the labels and verdicts computed here (e.g. with those of a running exporter's aggregation);
+    `verdict_bound` is then the bound those verdicts were taken at (default: `policy`'s).
     """
     thresholds = thresholds or PatternThresholds()
     stacked = stack_stats(messages)
@@ -138,14 +141,15 @@ def summarize(
     h = messages[0].header
     if patterns is None:
         patterns = head_patterns(classify_rows(stacked, thresholds), thresholds.dominance)
-    p95, safe_q, safe_kv = head_verdicts(stacked["eviction_error"], h.num_kv_heads, policy)
+    p95, _, safe_kv = head_verdicts(stacked["eviction_error"], h.num_kv_heads, policy)
     if safe_kv_heads is not None:
         if safe_kv_heads.shape != safe_kv.shape:
             raise HeadwatchToolError(
                 f"expected safe KV heads of shape {safe_kv.shape}, got {safe_kv_heads.shape}"
             )
         safe_kv = safe_kv_heads.astype(bool)
-        safe_q = np.repeat(safe_kv, h.num_query_heads // h.num_kv_heads, axis=1)
+    # Compression acts per KV head: a query head is compressible when its KV head is.
+    safe_q = np.repeat(safe_kv, h.num_query_heads // h.num_kv_heads, axis=1)
     return HeadSummary(
         model_name=h.model_name,
         num_layers=h.num_layers,
@@ -163,4 +167,5 @@ def summarize(
         safe_query_heads=safe_q,
         safe_kv_heads=safe_kv,
         verdict_source=verdict_source,
+        error_bound=policy.enter_bound if verdict_bound is None else verdict_bound,
     )

@@ -134,3 +134,24 @@ def test_truncation_keeps_the_first_token_and_the_end(caplog: pytest.LogCaptureF
     (p,) = fit_context([Prompt("p", "document", tuple(range(150)))], 100, truncate=True)
     assert len(p.ids) == 100 and p.ids[0] == 0 and p.ids[-1] == 149
     assert "truncated" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--device", "bogus"], "expected a torch device such as cpu or cuda:0, got 'bogus'"),
+        (["--out", "FILE"], "expected a new or empty report folder, got existing file"),
+    ],
+    ids=["device", "out-is-a-file"],
+)
+def test_cli_refuses_bad_flags_before_loading_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    args = [str(taken) if f == "FILE" else f for f in flags]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -230,3 +230,17 @@ def test_cli_names_a_missing_analysis_file(
 ) -> None:
     assert main(["--from-analysis", str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2
     assert "nope.json" in capsys.readouterr().err
+
+
+def test_the_policy_carries_the_bound_its_verdicts_were_taken_at(tmp_path: Path) -> None:
+    import dataclasses
+
+    summary = dataclasses.replace(_summary(), error_bound=0.07)
+    write_policy(from_summary(summary), tmp_path)
+    assert json.loads((tmp_path / "policy.json").read_text())["eviction_error_bound"] == 0.07
+
+
+def test_a_policy_from_metrics_carries_the_bound_it_is_given() -> None:
+    """The exporter's /metrics do not carry VERDICTS__ENTER_BOUND: --bound says it."""
+    assert from_metrics_text(METRICS, "tiny", 4, 64, "test").error_bound == 0.05
+    assert from_metrics_text(METRICS, "tiny", 4, 64, "test", bound=0.07).error_bound == 0.07

@@ -212,3 +212,10 @@ def test_summary_json_round_trips(summary: HeadSummary, tmp_path: Path) -> None:
     assert back.patterns.tolist() == summary.patterns.tolist()
     assert np.array_equal(back.safe_kv_heads, summary.safe_kv_heads)
     np.testing.assert_allclose(back.stats["sink_mass"], summary.stats["sink_mass"], atol=1e-6)
+
+
+def test_a_query_head_counts_as_compressible_only_when_its_kv_head_is(summary: HeadSummary) -> None:
+    """Layer 1's v_shaped head shares its KV head with a concentrated_middle one: neither is."""
+    assert summary.patterns[1, 2] == "v_shaped" and not summary.safe_kv_heads[1, 1]
+    assert not summary.safe_query_heads[1, 2]
+    assert np.array_equal(summary.safe_query_heads, np.repeat(summary.safe_kv_heads, 2, axis=1))

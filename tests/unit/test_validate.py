@@ -212,3 +212,13 @@ def test_cli_refuses_a_malformed_policy_without_a_traceback(
     policy.write_text('{"format": "headwatch.kv-policy.v1", "num_kv_heads": 2}')
     assert main(["--policy", str(policy), "--out", str(tmp_path / "v.md")]) == 2
     assert "'num_layers'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--draws", "--prompts"])
+def test_cli_refuses_no_draws_or_prompts_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    from headwatch.validate import main
+
+    assert main(["--policy", str(tmp_path / "absent.json"), flag, "0"]) == 2
+    assert "expected --draws and --prompts >= 1" in capsys.readouterr().err
