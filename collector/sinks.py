@@ -97,11 +97,14 @@ class FileSink:
 
 
 def estimated_bytes(message: HeadStatsMessage) -> int:
-    """Return the memory a queued message holds: its float64 arrays, validity mask and header.
+    """Return the memory a queued message holds: its float64 arrays, validity mask and header,
+    with the opt-in middle-key positions (a pointer and an int object each, about 40 bytes).
 
-    An upper bound of the encoded size too (4 bytes a cell before compression), so a queue bounded
-    by this number bounds both the memory and what the producer is handed.
+    An upper bound of the encoded size too (4 bytes a cell before compression; 6 or so a middle
+    position in the JSON header), so a queue bounded by this number bounds both the memory and
+    what the producer is handed.
     """
     h = message.header
     cells = h.num_layers * h.num_query_heads
-    return 4096 + cells * (8 * len(h.stat_names) + 1)
+    positions = sum(len(head) for layer in h.top_middle_positions or () for head in layer)
+    return 4096 + cells * (8 * len(h.stat_names) + 1) + 40 * positions

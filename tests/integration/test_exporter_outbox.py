@@ -24,6 +24,8 @@ from tests.factories import MessageFactory
 from tests.helpers import wait_until
 from tests.integration.conftest_exporter import TEST_ENV, delete_side_topics, produce
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 
 def _read(bootstrap: str, topic: str, count: int) -> list[Any]:
     reader = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",

@@ -231,3 +231,31 @@ def test_the_two_kv_head_families_are_kept_or_dropped_together_under_any_cap() -
         safe = registry.get_sample_value("headwatch_kv_head_safe_to_compress", kv)
         ready = registry.get_sample_value("headwatch_kv_head_verdict_ready", kv)
         assert (safe is None) == (ready is None), cap
+
+
+def test_every_head_gauge_carries_its_own_channel_of_the_window() -> None:
+    """Each per-head series is the snapshot's value for that head, channel by channel."""
+    from exporter.snapshot import ENTROPY, MIDDLE, NORMALIZED_ENTROPY, RECENT, SINK
+
+    agg = _aggregator(messages=128)
+    (snap,) = agg.snapshot()
+    registry, _ = _registry(agg)
+    get = registry.get_sample_value
+    layers, heads = snap.shape
+    assert len({snap.means[c].tobytes() for c in (SINK, RECENT, MIDDLE)}) == 3  # distinguishable
+    for layer in range(layers):
+        for head in range(heads):
+            labels = {"model_name": "tiny-llama", "layer": str(layer), "head": str(head),
+                      "kv_head": str(head // 2)}  # fmt: skip
+            assert get("headwatch_head_entropy_nats", labels) == snap.means[ENTROPY, layer, head]
+            assert (
+                get("headwatch_head_normalized_entropy_ratio", labels)
+                == snap.means[NORMALIZED_ENTROPY, layer, head]
+            )
+            for region, channel in (("sink", SINK), ("recent", RECENT), ("middle", MIDDLE)):
+                value = get("headwatch_head_mass_ratio", {**labels, "region": region})
+                assert value == snap.means[channel, layer, head], region
+            assert (
+                get("headwatch_head_eviction_error_ratio", labels)
+                == snap.eviction_quantile[layer, head]
+            )

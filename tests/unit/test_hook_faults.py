@@ -171,6 +171,57 @@ def test_unsampled_passes_do_no_tensor_work(monkeypatch: pytest.MonkeyPatch) -> 
     assert calls == [] and sink.messages == []
 
 
+def _aten_ops(model: torch.nn.Module, steps: int) -> list[str]:
+    """The aten ops of a padded prefill and `steps` decode steps, in order (a host sync is one:
+    `_local_scalar_dense` for .item() or int(), a `_to_copy` to the CPU for .cpu())."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import DynamicCache
+
+    ops: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    ids = torch.randint(1, 64, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :5] = 0  # left padding: the mask is what a measured pass reads from the device
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), Record():
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values)
+    return ops
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"sample_rate": 1.0, "min_context_tokens": 10**6},
+        {"sample_rate": 1e-9, "min_context_tokens": 0},
+    ],
+    ids=["context-too-short", "rate-rejected"],
+)
+def test_unsampled_passes_add_no_tensor_op_and_no_host_sync(settings: dict[str, Any]) -> None:
+    """The CPU-side check of "no host-device sync on unsampled passes": an attached model runs
+    exactly the aten ops of the bare model (on a GPU, test_hook_gpu checks it with torch's sync
+    debug mode)."""
+    model = llama()
+    bare = _aten_ops(model, steps=2)
+    sink = MemorySink()
+    with attach(model, sink=sink, seed=1, decode_every=1, **settings) as handle:
+        hooked = _aten_ops(model, steps=2)
+    assert handle.errors == 0 and sink.messages == []
+    assert hooked == bare
+    assert "aten._local_scalar_dense.default" not in set(hooked) - set(bare)
+
+
 def test_a_layer_without_visible_keys_is_flagged_and_left_unmeasured() -> None:
     import math
 

@@ -118,6 +118,7 @@ def reference(call: Call, b: int, slots_mask: np.ndarray) -> dict[str, np.ndarra
 
 def check(message: HeadStatsMessage, calls: list[Call], b: int, slots_mask: np.ndarray) -> None:
     assert message.learned_sinks
+    assert len(calls) == message.num_layers  # with none captured nothing below would be compared
     for layer, call in enumerate(calls):
         ref = reference(call, b, slots_mask)
         visible = int((call.probs[b, 0, -1] > 0).sum())

@@ -171,6 +171,8 @@ def reference(
 def check(message: HeadStatsMessage, calls: list[Call], b: int, slots_mask: np.ndarray) -> None:
     assert message.context_tokens == int(slots_mask.sum())
     assert message.query_position == int(slots_mask.sum()) - 1
+    # one eager call per layer: with none captured the comparisons below would be skipped
+    assert len(calls) == message.num_layers
     for layer, call in enumerate(calls):
         ref = reference(call, b, slots_mask)
         assert message.visible_keys[layer] == int((call.probs[b, 0, -1] > 0).sum())

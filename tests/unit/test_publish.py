@@ -230,3 +230,30 @@ def test_bootstrap_servers_parse_as_kafka_python_reads_them(
     server: str, expected: tuple[str, int]
 ) -> None:
     assert host_port(server) == expected
+
+
+@pytest.mark.parametrize("middle_keys", [0, 8, 64], ids=["default", "8-positions", "64-positions"])
+def test_the_queue_charge_of_a_message_bounds_its_encoded_size_and_its_arrays(
+    middle_keys: int,
+) -> None:
+    """The queue's byte cap holds only if the charge is at least what a message holds or sends."""
+    import numpy as np
+
+    from collector.sinks import estimated_bytes
+
+    msg = message(layers=32, heads=32, seed=3)
+    if middle_keys:
+        rng = np.random.default_rng(0)
+        positions = tuple(
+            tuple(
+                tuple(int(p) for p in rng.integers(100, 999, middle_keys)) for _ in range(32)
+            )
+            for _ in range(32)
+        )
+        msg = HeadStatsMessage.build(
+            msg.header.model_copy(update={"top_middle_positions": positions}),
+            {n: msg.stat(n) for n in msg.header.stat_names},
+        )
+    charge = estimated_bytes(msg)
+    assert charge >= len(msg.to_bytes())
+    assert charge >= msg.arrays().values.nbytes + msg.arrays().valid.nbytes
