@@ -8,9 +8,11 @@ Usage:
     if settled.done: consumer.commit(...)  # every letter so far is acknowledged or abandoned
 
 kafka-python's `send` returns a future and its `flush` returns once requests complete, failed or
-not; only the futures tell which. A letter whose send failed is sent again at the next `settle`,
-up to `max_attempts` sends; then it is abandoned: counted, logged, and no longer holds commits
-back (a record the broker refuses for good, one too large for instance, must not stop the group).
+not; only the futures tell which. A letter whose send failed is sent again at the next `settle`.
+Retriable failures (the broker away, a timeout) are retried until they succeed, holding commits
+back as the outage does anyway. A letter refused for good (a non-retriable error: a record too
+large, no authorisation) is abandoned after `max_attempts` sends: counted, logged, and no longer
+holding commits back, so that one unwritable record cannot stop the group.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class Outbox:
                 continue
             if future is not None:
                 letter.error = future.exception
-            if letter.attempts >= self._max_attempts:
+            if letter.attempts >= self._max_attempts and not _retriable(letter.error):
                 logger.error(
                     "abandoned a %s to %s after %d attempts: %r",
                     letter.kind, letter.topic, letter.attempts, letter.error,
@@ -116,3 +118,8 @@ class Outbox:
             waiting.append(letter)
         self._letters = waiting
         return Settled(not waiting, acknowledged, abandoned)
+
+
+def _retriable(error: BaseException | None) -> bool:
+    """Whether kafka-python marks an error as one that may succeed on a later try."""
+    return bool(getattr(error, "retriable", False))
