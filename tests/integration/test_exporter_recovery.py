@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -9,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
+from exporter.deadletter import REASON_HEADER, SOURCE_HEADER
 from tests.factories import MessageFactory, pattern_probs
 from tests.helpers import unique_name, wait_until
 from tests.integration.conftest_exporter import (
     ExporterProcess,
+    Series,
     delete_side_topics,
     exporters,
     model_series,
@@ -42,6 +45,86 @@ def _committed(bootstrap: str, group: str) -> int:
         admin.close()
 
 
+MESSAGES = "headwatch_exporter_messages_total"
+INVALID = "headwatch_exporter_invalid_messages_total"
+DEAD_LETTERS = "headwatch_exporter_dead_letters_total"
+
+
+def _with_poison(messages: list[Any], poison: list[bytes]) -> list[Any]:
+    """Return `messages` with the poison records spread among them, the first after 100."""
+    feed: list[Any] = list(messages)
+    for i, value in enumerate(poison):
+        feed.insert(100 + 60 * i + i, value)
+    return feed
+
+
+def _read_all(bootstrap: str, topic: str) -> list[Any]:
+    """Return every record of a one-partition topic, up to its end offset now."""
+    reader = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    tp = TopicPartition(topic, 0)
+    records: list[Any] = []
+    try:
+        reader.assign([tp])
+        reader.seek_to_beginning(tp)
+        end = reader.end_offsets([tp])[tp]
+
+        def drained() -> bool:
+            for batch in reader.poll(timeout_ms=500).values():
+                records.extend(batch)
+            return bool(reader.position(tp) >= end)
+
+        wait_until(drained, 30, 0.0, f"{topic} read up to offset {end}")
+        return [r for r in records if r.offset < end]
+    finally:
+        reader.close()
+
+
+def _totals(series: Series) -> dict[str, float]:
+    """Return the replica's own counters, summed over their labels (invalid has `reason`)."""
+    totals = dict.fromkeys((MESSAGES, INVALID, DEAD_LETTERS), 0.0)
+    for (name, _labels), value in series.items():
+        if name in totals:
+            totals[name] += value
+    return totals
+
+
+class _Exposure:
+    """The most a replica's /metrics ever showed of its own counters, scraped from a thread
+    until the block ends (a killed replica's last scrapes fail: that is expected)."""
+
+    def __init__(self, replica: ExporterProcess, interval_seconds: float = 0.01) -> None:
+        self._replica = replica
+        self._interval = interval_seconds
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._most = dict.fromkeys((MESSAGES, INVALID, DEAD_LETTERS), 0.0)
+        self._thread = threading.Thread(target=self._scrape, daemon=True)
+
+    def __enter__(self) -> _Exposure:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def most(self, name: str) -> float:
+        with self._lock:
+            return self._most[name]
+
+    def _scrape(self) -> None:
+        while not self._stop.is_set():
+            try:
+                totals = _totals(self._replica.series())
+            except (OSError, http.client.HTTPException, AssertionError):
+                pass  # not serving (yet, or any more)
+            else:
+                with self._lock:
+                    for name, value in totals.items():
+                        self._most[name] = max(self._most[name], value)
+            self._stop.wait(self._interval)
+
+
 def _head_view(replica: ExporterProcess) -> dict[Any, float]:
     """Everything per model except the counters, which depend on who counted what."""
     return {
@@ -54,38 +137,55 @@ def _head_view(replica: ExporterProcess) -> dict[Any, float]:
 def test_sigkill_then_restart_loses_nothing_and_counts_nothing_twice(
     kafka_bootstrap: str, fresh_topic: Callable[..., str], consumer_group: str, tmp_path: Path
 ) -> None:
+    from tests.unit.test_exporter_fuzz import CASES, EXPECTED
+
     topic = fresh_topic(partitions=1)
-    messages = _messages(TOTAL)
+    fresh_dlq = fresh_topic(partitions=1)  # the fresh replica's letters stay out of `topic`.dlq
+    poison = {value: EXPECTED.get(case, case) for case, value in CASES.items() if case != "oversized"}
+    feed = _with_poison(_messages(TOTAL), list(poison))
+    produced = len(feed)
     feeder = threading.Thread(
         target=lambda: [
-            produce(kafka_bootstrap, topic, messages[i : i + 50]) for i in range(0, TOTAL, 50)
+            produce(kafka_bootstrap, topic, feed[i : i + 50], key=b"poison")
+            for i in range(0, produced, 50)
         ]
     )
     try:
         first = ExporterProcess(kafka_bootstrap, topic, consumer_group, tmp_path)
         with exporters(first):
             first.wait_healthy(partitions=1)
-            feeder.start()
-            wait_until(
-                lambda: (first.value("headwatch_exporter_messages_total") or 0) >= 200,
-                60,
-                0.05,
-                "200 consumed",
-            )
-            first.kill()  # mid-stream: the feeder is still producing
+            with _Exposure(first) as exposed:
+                feeder.start()
+                wait_until(lambda: exposed.most(MESSAGES) >= 200, 60, 0.01, "200 consumed")
+                first.kill()  # mid-stream: the feeder is still producing
         committed_at_kill = _committed(kafka_bootstrap, consumer_group)
-        assert 200 <= committed_at_kill < TOTAL
+        assert 200 <= committed_at_kill < produced
         feeder.join(timeout=120)
+        offsets = [r.offset for r in _read_all(kafka_bootstrap, topic) if r.key == b"poison"]
+        assert len(offsets) == len(poison)
+        poison_before = sum(offset < committed_at_kill for offset in offsets)
+        # Counts become visible only once their offsets commit: whatever the killed replica
+        # exposed (its last scrape may predate the kill, which only lowers it) is committed.
+        assert exposed.most(MESSAGES) <= committed_at_kill
+        assert exposed.most(INVALID) <= poison_before
+        assert exposed.most(DEAD_LETTERS) <= poison_before
         restarted = ExporterProcess(kafka_bootstrap, topic, consumer_group, tmp_path)
-        fresh = ExporterProcess(kafka_bootstrap, topic, unique_name("group", "fresh"), tmp_path)
+        fresh = ExporterProcess(kafka_bootstrap, topic, unique_name("group", "fresh"), tmp_path,
+                                HEADWATCH_EXPORTER_KAFKA__DEAD_LETTER_TOPIC=fresh_dlq)  # fmt: skip
         with exporters(restarted, fresh):
-            restarted.wait_messages(TOTAL - committed_at_kill)
-            fresh.wait_messages(TOTAL)
+            restarted.wait_messages(produced - committed_at_kill)
+            fresh.wait_messages(produced)
+            after = _totals(restarted.series())
+            # what Prometheus sums over both replicas counts no message twice
+            assert exposed.most(MESSAGES) + after[MESSAGES] <= produced
+            assert exposed.most(INVALID) + after[INVALID] <= len(poison)
+            assert exposed.most(DEAD_LETTERS) + after[DEAD_LETTERS] <= len(poison)
             # the restarted replica counted exactly the messages its predecessor had not committed
-            assert restarted.value("headwatch_exporter_messages_total") == TOTAL - committed_at_kill
+            assert after[MESSAGES] == produced - committed_at_kill
+            assert after[INVALID] == after[DEAD_LETTERS] == len(poison) - poison_before
             assert (
                 restarted.value("headwatch_model_messages_total", model_name="tiny-llama")
-                == TOTAL - committed_at_kill
+                == produced - committed_at_kill - (len(poison) - poison_before)
             )
             assert restarted.value("headwatch_exporter_duplicate_messages_total") == 0
             # ...and exports exactly what a replica that never restarted exports
@@ -95,6 +195,13 @@ def test_sigkill_then_restart_loses_nothing_and_counts_nothing_twice(
                 restarted.value("headwatch_model_reference_samples", model_name="tiny-llama") == 64
             )
             assert (restarted.value("headwatch_exporter_rebuild_seconds") or 0) > 0
+        # every poison record reached the dead-letter topic, once or (sent by the killed replica
+        # and not committed) twice, with its reason
+        letters = _read_all(kafka_bootstrap, f"{topic}.dlq")
+        sources = {dict(r.headers)[SOURCE_HEADER].decode() for r in letters}
+        assert sources == {f"{topic}[0]@{offset}" for offset in offsets}
+        assert all(dict(r.headers)[REASON_HEADER].decode() == poison[r.value] for r in letters)
+        assert {r.value for r in letters} == set(poison)
     finally:
         delete_side_topics(kafka_bootstrap, topic)
 
