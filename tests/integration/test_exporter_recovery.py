@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType
 
 from exporter.deadletter import REASON_HEADER, SOURCE_HEADER
 from tests.factories import MessageFactory, pattern_probs
@@ -48,13 +49,18 @@ def _committed(bootstrap: str, group: str) -> int:
 MESSAGES = "headwatch_exporter_messages_total"
 INVALID = "headwatch_exporter_invalid_messages_total"
 DEAD_LETTERS = "headwatch_exporter_dead_letters_total"
+# A gauge of what the replica folded, committed or not: the newest message's producer timestamp.
+NEWEST = "headwatch_model_last_message_timestamp_seconds"
 
 
-def _with_poison(messages: list[Any], poison: list[bytes]) -> list[Any]:
-    """Return `messages` with the poison records spread among them, the first after 100."""
-    feed: list[Any] = list(messages)
-    for i, value in enumerate(poison):
-        feed.insert(100 + 60 * i + i, value)
+def _with_poison(messages: list[Any], poison: list[bytes], first: int, every: int) -> list[Any]:
+    """Return `messages` with a poison record before messages[first], [first + every], ..."""
+    feed: list[Any] = []
+    for i, message in enumerate(messages):
+        slot, rest = divmod(i - first, every)
+        if i >= first and rest == 0 and slot < len(poison):
+            feed.append(poison[slot])
+        feed.append(message)
     return feed
 
 
@@ -79,25 +85,26 @@ def _read_all(bootstrap: str, topic: str) -> list[Any]:
         reader.close()
 
 
-def _totals(series: Series) -> dict[str, float]:
-    """Return the replica's own counters, summed over their labels (invalid has `reason`)."""
-    totals = dict.fromkeys((MESSAGES, INVALID, DEAD_LETTERS), 0.0)
-    for (name, _labels), value in series.items():
-        if name in totals:
-            totals[name] += value
-    return totals
+def _observed(series: Series) -> dict[str, float]:
+    """Return the replica's own counters (summed over `reason`) and the newest message folded."""
+    seen = {
+        counter: sum(v for (name, _), v in series.items() if name == counter)
+        for counter in (MESSAGES, INVALID, DEAD_LETTERS)
+    }
+    seen[NEWEST] = series.get((NEWEST, frozenset({("model_name", "tiny-llama")})), 0.0)
+    return seen
 
 
 class _Exposure:
-    """The most a replica's /metrics ever showed of its own counters, scraped from a thread
-    until the block ends (a killed replica's last scrapes fail: that is expected)."""
+    """The most a replica's /metrics ever showed (see `_observed`), scraped from a thread until
+    the block ends; scrapes that fail (not serving yet, or killed) are skipped."""
 
     def __init__(self, replica: ExporterProcess, interval_seconds: float = 0.01) -> None:
         self._replica = replica
         self._interval = interval_seconds
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._most = dict.fromkeys((MESSAGES, INVALID, DEAD_LETTERS), 0.0)
+        self._most = dict.fromkeys((MESSAGES, INVALID, DEAD_LETTERS, NEWEST), 0.0)
         self._thread = threading.Thread(target=self._scrape, daemon=True)
 
     def __enter__(self) -> _Exposure:
@@ -115,12 +122,12 @@ class _Exposure:
     def _scrape(self) -> None:
         while not self._stop.is_set():
             try:
-                totals = _totals(self._replica.series())
+                seen = _observed(self._replica.series())
             except (OSError, http.client.HTTPException, AssertionError):
-                pass  # not serving (yet, or any more)
+                pass
             else:
                 with self._lock:
-                    for name, value in totals.items():
+                    for name, value in seen.items():
                         self._most[name] = max(self._most[name], value)
             self._stop.wait(self._interval)
 
@@ -135,47 +142,71 @@ def _head_view(replica: ExporterProcess) -> dict[Any, float]:
 
 
 def test_sigkill_then_restart_loses_nothing_and_counts_nothing_twice(
-    kafka_bootstrap: str, fresh_topic: Callable[..., str], consumer_group: str, tmp_path: Path
+    kafka_bootstrap: str,
+    fresh_topic: Callable[..., str],
+    consumer_group: str,
+    kafka_admin: Any,
+    tmp_path: Path,
 ) -> None:
+    """The kill lands while the replica has folded and counted messages it cannot commit: its
+    dead-letter topic refuses the letters (max.message.bytes), so the outbox holds every commit
+    at the first poison record until it gives the letter up after 5 sends, one per loop turn.
+    The held part is one small produce (one fetch, one turn) and the idle turns wait out a 5 s
+    poll timeout: the kill comes about 20 s before the letter could be given up."""
     from tests.unit.test_exporter_fuzz import CASES, EXPECTED
 
     topic = fresh_topic(partitions=1)
-    fresh_dlq = fresh_topic(partitions=1)  # the fresh replica's letters stay out of `topic`.dlq
-    poison = {value: EXPECTED.get(case, case) for case, value in CASES.items() if case != "oversized"}
-    feed = _with_poison(_messages(TOTAL), list(poison))
+    held_dlq = fresh_topic(partitions=1, configs={"max.message.bytes": "16"})
+    fresh_dlq = fresh_topic(partitions=1)  # the fresh replica's letters stay out of held_dlq
+    poison = {
+        value: EXPECTED.get(case, case) for case, value in CASES.items() if case != "oversized"
+    }
+    messages = _messages(TOTAL)
+    feed = _with_poison(messages, list(poison), first=100, every=60)
     produced = len(feed)
-    feeder = threading.Thread(
-        target=lambda: [
-            produce(kafka_bootstrap, topic, feed[i : i + 50], key=b"poison")
-            for i in range(0, produced, 50)
-        ]
-    )
+    # the first poison record and the 10 messages after it: one producer batch (< 16 KiB)
+    held_end = 111
+    assert feed[100] in poison and feed[held_end - 1] is messages[109]
     try:
-        first = ExporterProcess(kafka_bootstrap, topic, consumer_group, tmp_path)
+        first = ExporterProcess(kafka_bootstrap, topic, consumer_group, tmp_path,
+                                HEADWATCH_EXPORTER_KAFKA__DEAD_LETTER_TOPIC=held_dlq,
+                                HEADWATCH_EXPORTER_KAFKA__POLL_TIMEOUT_MS="5000")  # fmt: skip
         with exporters(first):
             first.wait_healthy(partitions=1)
             with _Exposure(first) as exposed:
-                feeder.start()
-                wait_until(lambda: exposed.most(MESSAGES) >= 200, 60, 0.01, "200 consumed")
-                first.kill()  # mid-stream: the feeder is still producing
+                produce(kafka_bootstrap, topic, feed[:100])
+                wait_until(lambda: exposed.most(MESSAGES) >= 100, 60, 0.01, "100 committed")
+                produce(kafka_bootstrap, topic, feed[100:held_end], key=b"poison")
+                wait_until(lambda: exposed.most(NEWEST) > messages[108].timestamp_seconds,
+                           60, 0.01, "110 messages folded")  # fmt: skip
+                first.kill()
         committed_at_kill = _committed(kafka_bootstrap, consumer_group)
-        assert 200 <= committed_at_kill < produced
-        feeder.join(timeout=120)
+        produce(kafka_bootstrap, topic, feed[held_end:], key=b"poison")  # after the kill
         offsets = [r.offset for r in _read_all(kafka_bootstrap, topic) if r.key == b"poison"]
         assert len(offsets) == len(poison)
         poison_before = sum(offset < committed_at_kill for offset in offsets)
-        # Counts become visible only once their offsets commit: whatever the killed replica
-        # exposed (its last scrape may predate the kill, which only lowers it) is committed.
+        # Counts become visible only once their offsets commit, so what the killed replica
+        # exposed (its last scrape may predate the kill, which only lowers it) is committed...
         assert exposed.most(MESSAGES) <= committed_at_kill
         assert exposed.most(INVALID) <= poison_before
         assert exposed.most(DEAD_LETTERS) <= poison_before
-        restarted = ExporterProcess(kafka_bootstrap, topic, consumer_group, tmp_path)
+        # ...while the refused letter held every commit at its record
+        assert committed_at_kill == offsets[0] == 100
+        kafka_admin.alter_configs(
+            [
+                ConfigResource(
+                    ConfigResourceType.TOPIC, held_dlq, configs={"max.message.bytes": "1048588"}
+                )
+            ]
+        )
+        restarted = ExporterProcess(kafka_bootstrap, topic, consumer_group, tmp_path,
+                                    HEADWATCH_EXPORTER_KAFKA__DEAD_LETTER_TOPIC=held_dlq)  # fmt: skip
         fresh = ExporterProcess(kafka_bootstrap, topic, unique_name("group", "fresh"), tmp_path,
                                 HEADWATCH_EXPORTER_KAFKA__DEAD_LETTER_TOPIC=fresh_dlq)  # fmt: skip
         with exporters(restarted, fresh):
             restarted.wait_messages(produced - committed_at_kill)
             fresh.wait_messages(produced)
-            after = _totals(restarted.series())
+            after = _observed(restarted.series())
             # what Prometheus sums over both replicas counts no message twice
             assert exposed.most(MESSAGES) + after[MESSAGES] <= produced
             assert exposed.most(INVALID) + after[INVALID] <= len(poison)
@@ -183,11 +214,14 @@ def test_sigkill_then_restart_loses_nothing_and_counts_nothing_twice(
             # the restarted replica counted exactly the messages its predecessor had not committed
             assert after[MESSAGES] == produced - committed_at_kill
             assert after[INVALID] == after[DEAD_LETTERS] == len(poison) - poison_before
-            assert (
-                restarted.value("headwatch_model_messages_total", model_name="tiny-llama")
-                == produced - committed_at_kill - (len(poison) - poison_before)
-            )
+            assert restarted.value(
+                "headwatch_model_messages_total", model_name="tiny-llama"
+            ) == produced - committed_at_kill - (len(poison) - poison_before)
             assert restarted.value("headwatch_exporter_duplicate_messages_total") == 0
+            assert (
+                restarted.value("headwatch_exporter_writes_abandoned_total", kind="dead_letter")
+                == 0
+            )
             # ...and exports exactly what a replica that never restarted exports
             assert fresh.value("headwatch_model_messages_total", model_name="tiny-llama") == TOTAL
             assert _head_view(restarted) == _head_view(fresh)
@@ -195,9 +229,8 @@ def test_sigkill_then_restart_loses_nothing_and_counts_nothing_twice(
                 restarted.value("headwatch_model_reference_samples", model_name="tiny-llama") == 64
             )
             assert (restarted.value("headwatch_exporter_rebuild_seconds") or 0) > 0
-        # every poison record reached the dead-letter topic, once or (sent by the killed replica
-        # and not committed) twice, with its reason
-        letters = _read_all(kafka_bootstrap, f"{topic}.dlq")
+        # every poison record reached the dead-letter topic, with its reason
+        letters = _read_all(kafka_bootstrap, held_dlq)
         sources = {dict(r.headers)[SOURCE_HEADER].decode() for r in letters}
         assert sources == {f"{topic}[0]@{offset}" for offset in offsets}
         assert all(dict(r.headers)[REASON_HEADER].decode() == poison[r.value] for r in letters)
