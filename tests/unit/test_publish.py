@@ -245,9 +245,7 @@ def test_the_queue_charge_of_a_message_bounds_its_encoded_size_and_its_arrays(
     if middle_keys:
         rng = np.random.default_rng(0)
         positions = tuple(
-            tuple(
-                tuple(int(p) for p in rng.integers(100, 999, middle_keys)) for _ in range(32)
-            )
+            tuple(tuple(int(p) for p in rng.integers(100, 999, middle_keys)) for _ in range(32))
             for _ in range(32)
         )
         msg = HeadStatsMessage.build(
