@@ -124,9 +124,9 @@ class ConsumerService:
                     self._next.pop(tp, None)
                     self._pending.pop(tp, None)
                     self._c.forget(tp)
+                    self._c.lag.pop((tp.topic, tp.partition), None)
                 if self._outbox is not None:
                     self._outbox.disown(lost)
-                    self._c.lag.pop((tp.topic, tp.partition), None)
             logger.info(
                 "partitions %s gone; dropped %d models", sorted(map(str, lost)), len(dropped)
             )
