@@ -52,9 +52,8 @@ class Aggregator:
         if value is None:
             raise SchemaError("decode", "empty record (tombstone)")
         msg = HeadStatsMessage.from_bytes(value)
-        return self.fold(msg, partition=partition, replay=replay, now_wall=now_wall), identity(
-            msg.header
-        )
+        outcome = self.fold(msg, partition=partition, replay=replay, now_wall=now_wall)
+        return outcome, identity(msg.header)
 
     def fold_records(
         self, values: list[bytes | None], *, partition: int, replay: list[bool], now_wall: float

@@ -137,10 +137,8 @@ class ModelState:
         # sent, so a restart does not bring back, for another TTL, a model that had gone quiet.
         seen = min(now_wall, header.timestamp_seconds) if replay else now_wall
         self.last_fold_wall = seen if self.folded == 0 else max(self.last_fold_wall, seen)
-        if header.timestamp_seconds >= self.last_message_seconds:
-            # The collector's S and R as of its newest message (exported for `headwatch policy`).
-            self.sink_tokens, self.recent_tokens = header.sink_tokens, header.recent_tokens
-            self.last_message_seconds = header.timestamp_seconds
+        # S and R need no update: they are part of the identity (see `identity`).
+        self.last_message_seconds = max(self.last_message_seconds, header.timestamp_seconds)
         if not replay:
             self.messages_total += 1
             bucket = int(np.searchsorted(CONTEXT_BUCKETS, header.context_tokens, side="left"))
