@@ -9,24 +9,15 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import collector.attach
 from collector import MemorySink, attach
 from collector.errors import SettingsError
 from collector.hook import set_probe
+from tests.unit.test_attach_sink_argument import llama
 
 UNREACHABLE_KAFKA = {"bootstrap_servers": "127.0.0.1:1", "request_timeout_seconds": 0.2}
-
-
-def llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
 
 
 @pytest.fixture(name="port_in_use")

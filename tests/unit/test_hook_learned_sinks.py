@@ -16,7 +16,15 @@ from transformers.models.gpt_oss import modeling_gpt_oss
 
 from collector import MemorySink, attach
 from collector.schema import LEARNED_SINK_STAT, HeadStatsMessage
-from tests.unit.test_hook_matrix import COMMON, RECENT, SINK, TOP_K, generate, inputs
+from tests.unit.test_hook_matrix import (
+    COMMON,
+    RECENT,
+    SINK,
+    TOP_K,
+    generate,
+    inputs,
+    measured_generate,
+)
 
 LAYERS = 2
 CONFIG = GptOssConfig(
@@ -154,15 +162,7 @@ def test_prefill_and_decode_rows_match_eager_probabilities(lengths: tuple[int, .
     eager = build()
     with capture() as calls:
         expected = generate(eager, ids, mask, steps)
-    model = build()
-    sink = MemorySink()
-    with attach(
-        model, sink=sink, sample_rate=1.0, min_context_tokens=0, sink_tokens=SINK, recent_tokens=RECENT,
-        decode_every=1, max_decode_samples=steps, max_sampled_passes_per_second=1000.0,
-    ) as handle:  # fmt: skip
-        got = generate(model, ids, mask, steps)
-    assert handle.errors == 0
-    assert torch.equal(got.sequences, expected.sequences)
+    sink = measured_generate(build(), ids, mask, steps, expected)
     assert len(sink.messages) == steps * len(lengths)
     for i, message in enumerate(sink.messages):
         step, b = divmod(i, len(lengths))

@@ -196,6 +196,27 @@ def check(message: HeadStatsMessage, calls: list[Call], b: int, slots_mask: np.n
             assert c == 1 or cum[h, c - 2] < 0.9 + 1e-5
 
 
+def measured_generate(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    steps: int,
+    expected: Any,
+    **kwargs: Any,
+) -> MemorySink:
+    """Generate with every prefill and decode row measured; the sink of its messages. The tokens
+    must equal `expected`'s (the hook changes nothing) and the hook must raise nothing."""
+    sink = MemorySink()
+    with attach(
+        model, sink=sink, sample_rate=1.0, min_context_tokens=0, sink_tokens=SINK, recent_tokens=RECENT,
+        decode_every=1, max_decode_samples=steps, max_sampled_passes_per_second=1000.0,
+    ) as handle:  # fmt: skip
+        got = generate(model, ids, mask, steps, **kwargs)
+    assert handle.errors == 0
+    assert torch.equal(got.sequences, expected.sequences)
+    return sink
+
+
 # On the numpy (CPU) and the torch (GPU: `_device_pass`, buffers shared across layers) paths.
 @pytest.mark.usefixtures("stats_path")
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -208,15 +229,7 @@ def test_prefill_and_decode_rows_match_eager_probabilities(
     eager = build(name, "eager")
     with capture(eager) as calls:
         expected = generate(eager, ids, mask, steps)
-    model = build(name, MODELS[name][1])
-    sink = MemorySink()
-    with attach(
-        model, sink=sink, sample_rate=1.0, min_context_tokens=0, sink_tokens=SINK, recent_tokens=RECENT,
-        decode_every=1, max_decode_samples=steps, max_sampled_passes_per_second=1000.0,
-    ) as handle:  # fmt: skip
-        got = generate(model, ids, mask, steps)
-    assert handle.errors == 0
-    assert torch.equal(got.sequences, expected.sequences)
+    sink = measured_generate(build(name, MODELS[name][1]), ids, mask, steps, expected)
     batch, layers = len(lengths), 2
     assert len(sink.messages) == steps * batch
     for i, message in enumerate(sink.messages):
@@ -236,15 +249,9 @@ def test_static_cache_padded_rows_match_eager_probabilities(name: str) -> None:
     eager = build(name, "eager")
     with capture(eager) as calls:
         expected = generate(eager, ids, mask, steps)
-    model = build(name, MODELS[name][1])
-    sink = MemorySink()
-    with attach(
-        model, sink=sink, sample_rate=1.0, min_context_tokens=0, sink_tokens=SINK, recent_tokens=RECENT,
-        decode_every=1, max_decode_samples=steps, max_sampled_passes_per_second=1000.0,
-    ) as handle:  # fmt: skip
-        got = generate(model, ids, mask, steps, cache_implementation="static")
-    assert handle.errors == 0
-    assert torch.equal(got.sequences, expected.sequences)
+    sink = measured_generate(
+        build(name, MODELS[name][1]), ids, mask, steps, expected, cache_implementation="static"
+    )
     batch, layers = len(lengths), 2
     assert len(sink.messages) == steps * batch
     for i, message in enumerate(sink.messages):
