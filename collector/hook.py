@@ -193,14 +193,6 @@ def pass_position_ids(kwargs: dict[str, Any]) -> torch.Tensor | None:
     return ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
 
 
-def cache_length(cache: Any) -> int:
-    """Return how many slots a cache already holds (0 for None). DynamicCache answers from shapes."""
-    if cache is None:
-        return 0
-    length = cache.get_seq_length()
-    return int(length)
-
-
 def output_cache(output: Any) -> Any:
     """Return the cache object a model's forward returned, if any.
 

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from collector.assemble import Identity, Layout, assemble
-from collector.hook import cache_length, output_cache, pass_inputs, pass_position_ids
+from collector.hook import output_cache, pass_inputs, pass_position_ids
+from collector.lengths import CacheLengths
 from collector.masks import padding_mask, padding_rows
 from collector.metrics import CollectorMetrics
 from collector.plan import PassPlan, Phase, layer_inputs, plan_rows
@@ -112,6 +113,7 @@ class PassCollector:
         self._local = threading.local()
         self._requests: weakref.WeakKeyDictionary[Any, RequestState] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
+        self.lengths = CacheLengths()
 
     # Forward pre-hook of the model: decide, on the host, whether this pass is measured.
     def before_pass(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -135,7 +137,7 @@ class PassCollector:
         batch, query_len = shape
         with self._lock:
             state = self._requests.get(cache) if cache is not None else None
-        past = cache_length(cache) if cache is not None else 0
+        past = self.lengths.before_pass(cache, query_len) if cache is not None else 0
         total = past + query_len
         phase: Phase = "prefill"
         if state is None or past == 0:

@@ -171,11 +171,11 @@ def test_unsampled_passes_do_no_tensor_work(monkeypatch: pytest.MonkeyPatch) -> 
     assert calls == [] and sink.messages == []
 
 
-def _aten_ops(model: torch.nn.Module, steps: int) -> list[str]:
+def _aten_ops(model: torch.nn.Module, steps: int, cache_kind: str) -> list[str]:
     """The aten ops of a padded prefill and `steps` decode steps, in order (a host sync is one:
     `_local_scalar_dense` for .item() or int(), a `_to_copy` to the CPU for .cpu())."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
     ops: list[str] = []
 
@@ -190,7 +190,11 @@ def _aten_ops(model: torch.nn.Module, steps: int) -> list[str]:
     ids = torch.randint(1, 64, (2, 12))
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, :5] = 0  # left padding: the mask is what a measured pass reads from the device
-    cache = DynamicCache(config=model.config)
+    # A static cache keeps its length in a tensor: reading it every pass would be a sync.
+    if cache_kind == "static":
+        cache = StaticCache(config=model.config, max_cache_len=32)
+    else:
+        cache = DynamicCache(config=model.config)
     with torch.no_grad(), Record():
         out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
         for _ in range(steps):
@@ -208,15 +212,18 @@ def _aten_ops(model: torch.nn.Module, steps: int) -> list[str]:
     ],
     ids=["context-too-short", "rate-rejected"],
 )
-def test_unsampled_passes_add_no_tensor_op_and_no_host_sync(settings: dict[str, Any]) -> None:
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_unsampled_passes_add_no_tensor_op_and_no_host_sync(
+    settings: dict[str, Any], cache_kind: str
+) -> None:
     """The CPU-side check of "no host-device sync on unsampled passes": an attached model runs
     exactly the aten ops of the bare model (on a GPU, test_hook_gpu checks it with torch's sync
     debug mode)."""
     model = llama()
-    bare = _aten_ops(model, steps=2)
+    bare = _aten_ops(model, steps=2, cache_kind=cache_kind)
     sink = MemorySink()
     with attach(model, sink=sink, seed=1, decode_every=1, **settings) as handle:
-        hooked = _aten_ops(model, steps=2)
+        hooked = _aten_ops(model, steps=2, cache_kind=cache_kind)
     assert handle.errors == 0 and sink.messages == []
     assert hooked == bare
     assert "aten._local_scalar_dense.default" not in set(hooked) - set(bare)

@@ -38,21 +38,31 @@ def count_syncs(run: Callable[[], None]) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def test_unsampled_passes_add_no_synchronisation() -> None:
-    """The model itself may synchronise (mask checks); the hook must not add a single one."""
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_unsampled_passes_add_no_synchronisation(cache_kind: str) -> None:
+    """The model itself may synchronise (mask checks); the hook must not add a single one. A static
+    cache keeps its length in a device tensor (collector.lengths carries it on the host)."""
+    from transformers import StaticCache
+
     gpu = model().cuda()
     ids = torch.randint(0, 64, (2, 64), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :10] = 0
 
     def passes() -> None:
+        given: dict[str, StaticCache] = {}
+        if cache_kind == "static":
+            given["past_key_values"] = StaticCache(config=gpu.config, max_cache_len=80)
         with torch.no_grad():
-            out = gpu(ids, attention_mask=mask, use_cache=True)
+            out = gpu(ids, attention_mask=mask, use_cache=True, **given)
             step = torch.ones(2, 1, dtype=ids.dtype, device="cuda")
             # transformers renamed `past_key_values` to `cache` in 5.2x; accept either
             name = "cache" if hasattr(out, "cache") else "past_key_values"
             cache = {name: getattr(out, name)}
-            gpu(step, attention_mask=torch.cat([mask, torch.ones_like(step)], 1), **cache)
+            grown = mask
+            for _ in range(3):
+                grown = torch.cat([grown, torch.ones_like(step)], 1)
+                gpu(step, attention_mask=grown, **cache)
 
     passes()  # warm-up
     plain = count_syncs(passes)
