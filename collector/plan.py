@@ -53,6 +53,7 @@ class PassPlan:
     layout: dict[str, int] = field(default_factory=dict)
     key_counts: dict[int, int] = field(default_factory=dict)  # layer -> keys its kernel read
     stats_seconds: float = 0.0
+    attention_calls: int = 0  # wrapped attention calls the pass made, measured or not
     _keep_cache: dict[
         tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]
     ] = field(default_factory=dict)

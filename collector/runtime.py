@@ -114,6 +114,7 @@ class PassCollector:
         self._requests: weakref.WeakKeyDictionary[Any, RequestState] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self.lengths = CacheLengths()
+        self._told: set[str] = set()  # what `_tell_once` has logged
 
     # Forward pre-hook of the model: decide, on the host, whether this pass is measured.
     def before_pass(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -135,6 +136,14 @@ class PassCollector:
         if shape is None:
             return None
         batch, query_len = shape
+        if cache is not None and not hasattr(cache, "get_seq_length"):
+            # Continuous batching (`generate_batch`, `transformers serve --continuous-batching`)
+            # packs many requests into one pass over a PagedAttentionCache through the "paged|..."
+            # attention functions: there is no per-request row to measure.
+            self._tell_once(
+                f"passes over a {type(cache).__name__} (continuous batching) are not measured"
+            )
+            return None
         with self._lock:
             state = self._requests.get(cache) if cache is not None else None
         past = self.lengths.before_pass(cache, query_len) if cache is not None else 0
@@ -188,7 +197,10 @@ class PassCollector:
         result: Any = None,
     ) -> None:
         plan: PassPlan | None = getattr(self._local, "plan", None)
-        if plan is None or not self.guard.enabled or not self.sampler.is_layer_sampled(layer):
+        if plan is None:
+            return
+        plan.attention_calls += 1
+        if not self.guard.enabled or not self.sampler.is_layer_sampled(layer):
             return
         started = time.perf_counter()
         try:
@@ -199,6 +211,12 @@ class PassCollector:
             plan.stats_seconds += time.perf_counter() - started
         except Exception:
             self.guard.failed(f"statistics of layer {layer}")
+
+    def _tell_once(self, what: str) -> None:
+        """Log a warning the first time `what` happens (the pass is left unmeasured, no error)."""
+        if what not in self._told:
+            self._told.add(what)
+            logger.warning("headwatch collector: model=%s: %s", self.identity.model_name, what)
 
     def _measure(
         self,
@@ -245,7 +263,16 @@ class PassCollector:
                 if cache is not None:
                     with self._lock:
                         self._requests[cache] = pending
-            if plan is not None and plan.partials:
+            if plan is not None and plan.attention_calls == 0:
+                # The model dispatches to a function the hook did not wrap: its attention
+                # implementation changed after attach (`set_attn_implementation`).
+                implementation = getattr(module.config, "_attn_implementation", None)
+                self._tell_once(
+                    "a sampled pass called no attention function the collector wraps "
+                    f"(the model's attention implementation is now {implementation!r}): "
+                    "nothing was measured"
+                )
+            elif plan is not None and plan.partials:
                 started = time.perf_counter()
                 layers = sorted(plan.partials)
                 partials = [plan.partials[layer] for layer in layers]
