@@ -4,6 +4,7 @@ errors: the hook stays enabled for the passes it can measure."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 import torch
@@ -24,6 +25,11 @@ CONFIG = LlamaConfig(
 )  # fmt: skip
 
 
+EVERY_PASS: dict[str, Any] = dict(
+    sample_rate=1.0, min_context_tokens=0, max_sampled_passes_per_second=1000.0
+)
+
+
 def llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     return LlamaForCausalLM._from_config(CONFIG, attn_implementation="sdpa").eval()
@@ -41,13 +47,7 @@ def test_continuous_batching_is_named_once_and_not_an_error(
     config = GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=-1, pad_token_id=0)
     with (
         caplog.at_level(logging.WARNING, logger="collector.runtime"),
-        attach(
-            model,
-            sink=sink,
-            sample_rate=1.0,
-            min_context_tokens=0,
-            max_sampled_passes_per_second=1000.0,
-        ) as handle,
+        attach(model, sink=sink, **EVERY_PASS) as handle,
     ):
         model.generate_batch(
             inputs=[[1, 2, 3, 4, 5, 6, 7, 8], [3, 4, 5, 6, 7]],
@@ -73,13 +73,7 @@ def test_an_attention_function_set_after_attach_is_named_once(
     try:
         with (
             caplog.at_level(logging.WARNING, logger="collector.runtime"),
-            attach(
-                model,
-                sink=sink,
-                sample_rate=1.0,
-                min_context_tokens=0,
-                max_sampled_passes_per_second=1000.0,
-            ) as handle,
+            attach(model, sink=sink, **EVERY_PASS) as handle,
         ):
             model.set_attn_implementation("unwrapped_sdpa")
             with torch.no_grad():
