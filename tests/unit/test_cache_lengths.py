@@ -8,6 +8,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from collector.lengths import CacheLengths
+from tests.transformers_compat import cache_keyword
 
 CONFIG = LlamaConfig(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -27,7 +28,7 @@ def run(model: LlamaForCausalLM, lengths: CacheLengths, cache: object, query_len
     past = lengths.before_pass(cache, query_len)
     assert past == int(cache.get_seq_length())  # type: ignore[attr-defined]
     ids = torch.randint(1, 64, (1, query_len))
-    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache})
     return past
 
 
@@ -95,7 +96,8 @@ def test_a_cache_first_seen_with_tokens_is_read(model: LlamaForCausalLM) -> None
     """A cache filled before the collector saw it (attached mid-request) is read, not guessed."""
     cache = StaticCache(config=CONFIG, max_cache_len=48)
     with torch.no_grad():
-        model(input_ids=torch.randint(1, 64, (1, 9)), past_key_values=cache, use_cache=True)
+        ids = torch.randint(1, 64, (1, 9))
+        model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache})
         lengths = CacheLengths()
         assert run(model, lengths, cache, 1) == 9
         assert run(model, lengths, cache, 1) == 10

@@ -14,6 +14,8 @@ from transformers.models.llama import modeling_llama
 import collector.runtime
 from collector import MemorySink, attach
 from collector.errors import SettingsError, UnsupportedModelError
+from collector.hook import output_cache
+from tests.transformers_compat import cache_keyword
 
 CONFIG: dict[str, Any] = dict(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -196,11 +198,12 @@ def _aten_ops(model: torch.nn.Module, steps: int, cache_kind: str) -> list[str]:
     else:
         cache = DynamicCache(config=model.config)
     with torch.no_grad(), Record():
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        keyword = cache_keyword(model)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{keyword: cache})
         for _ in range(steps):
             mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
             nxt = out.logits[:, -1:].argmax(-1)
-            out = model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values)
+            out = model(input_ids=nxt, attention_mask=mask, **{keyword: output_cache(out)})
     return ops
 
 

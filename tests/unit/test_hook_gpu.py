@@ -10,6 +10,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from collector import MemorySink, attach
+from collector.hook import output_cache
+from tests.transformers_compat import cache_keyword
 
 pytestmark = pytest.mark.gpu
 
@@ -49,16 +51,16 @@ def test_unsampled_passes_add_no_synchronisation(cache_kind: str) -> None:
     mask = torch.ones_like(ids)
     mask[1, :10] = 0
 
+    keyword = cache_keyword(gpu)
+
     def passes() -> None:
         given: dict[str, StaticCache] = {}
         if cache_kind == "static":
-            given["past_key_values"] = StaticCache(config=gpu.config, max_cache_len=80)
+            given[keyword] = StaticCache(config=gpu.config, max_cache_len=80)
         with torch.no_grad():
             out = gpu(ids, attention_mask=mask, use_cache=True, **given)
             step = torch.ones(2, 1, dtype=ids.dtype, device="cuda")
-            # transformers renamed `past_key_values` to `cache` in 5.2x; accept either
-            name = "cache" if hasattr(out, "cache") else "past_key_values"
-            cache = {name: getattr(out, name)}
+            cache = {keyword: output_cache(out)}
             grown = mask
             for _ in range(3):
                 grown = torch.cat([grown, torch.ones_like(step)], 1)
