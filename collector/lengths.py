@@ -66,6 +66,11 @@ class CacheLengths:
             self._remember(cache, _Seen(length, version, past + query_len))
         return past
 
+    def forget(self, cache: Any) -> None:
+        """Drop what the last pass over `cache` expected: it raised, maybe before its update."""
+        with self._lock:
+            self._seen.pop(cache, None)
+
     def _remember(self, cache: Any, seen: _Seen) -> None:
         try:
             with self._lock:

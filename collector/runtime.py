@@ -258,6 +258,11 @@ class PassCollector:
         self._local.plan = None
         self._local.pending = None
         try:
+            if output is None:  # the forward raised: the cache may have missed its update
+                _, cache, _ = pass_inputs(args, kwargs)
+                if cache is not None:
+                    self.lengths.forget(cache)
+                return
             if pending is not None:
                 cache = output_cache(output)
                 if cache is not None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
+from collector import MemorySink, attach
 from collector.lengths import CacheLengths
 from tests.transformers_compat import cache_keyword
 
@@ -102,3 +103,19 @@ def test_a_cache_first_seen_with_tokens_is_read(model: LlamaForCausalLM) -> None
         assert run(model, lengths, cache, 1) == 9
         assert run(model, lengths, cache, 1) == 10
     assert lengths.device_reads == 1
+
+
+def test_a_pass_that_raised_is_not_counted(model: LlamaForCausalLM) -> None:
+    """A forward that raised before its cache update, then a reset (one in-place op, as an
+    update would be): the next prefill is a new request at position 0, not a continuation."""
+    cache = StaticCache(config=CONFIG, max_cache_len=48)
+    keyword = cache_keyword(model)
+    sink = MemorySink()
+    with torch.no_grad(), attach(model, sink=sink, sample_rate=1.0, min_context_tokens=0) as handle:
+        model(input_ids=torch.randint(1, 64, (1, 12)), use_cache=True, **{keyword: cache})
+        with pytest.raises(IndexError):  # a token id past the vocabulary: the embedding raises
+            model(input_ids=torch.full((1, 1), 999), use_cache=True, **{keyword: cache})
+        cache.reset()
+        model(input_ids=torch.randint(1, 64, (1, 8)), use_cache=True, **{keyword: cache})
+    assert handle.errors == 0
+    assert [m.query_position for m in sink.messages] == [11, 7]

@@ -257,3 +257,21 @@ def test_a_layer_without_visible_keys_is_flagged_and_left_unmeasured() -> None:
     assert "fully_masked" in message.flags
     assert message.valid[0].all() and not message.valid[1].any()
     assert message.visible_keys == (8, 0)
+
+
+def test_a_sampled_pass_that_raised_sends_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's own exception reaches the server; the layers measured before it are dropped."""
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("out of memory in the last layer's MLP")
+
+    model = llama()
+    monkeypatch.setattr(model.model.layers[-1].mlp, "forward", fail)
+    sink = MemorySink()
+    with (
+        torch.no_grad(),
+        attach(model, sink=sink, sample_rate=1.0, min_context_tokens=0) as handle,
+        pytest.raises(RuntimeError, match="out of memory"),
+    ):
+        model(input_ids=torch.randint(1, 64, (1, 12)))
+    assert handle.errors == 0 and sink.messages == []
