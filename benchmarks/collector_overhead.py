@@ -68,8 +68,10 @@ def hook_cost(model: Any, ids: Any, layers: int) -> dict[str, float]:
     with attach(model, sink=MemorySink(), sample_rate=1.0, min_context_tokens=10**9) as handle:
         c = handle.collector
         kwargs = {"input_ids": ids}
+        output: dict[str, Any] = {}  # a forward's output (None would be a forward that raised)
         hooks = per_call(
-            lambda: (c.before_pass(model, (), kwargs), c.after_pass(model, (), kwargs, None)), 5000
+            lambda: (c.before_pass(model, (), kwargs), c.after_pass(model, (), kwargs, output)),
+            5000,
         )
     plain = torch.nn.Identity()
     hooked = torch.nn.Identity()
