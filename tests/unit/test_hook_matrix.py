@@ -272,3 +272,27 @@ def test_logits_are_bitwise_identical_with_the_hook(name: str) -> None:
             hooked = generate(model, ids, mask, 2)
         for a, b in zip(plain.logits, hooked.logits, strict=True):
             assert torch.equal(a, b)
+
+
+# Chunked prefill: each chunk is a pass that continues the prompt, measured at its last token
+# against the keys cached by the chunks before it (and a sliding window where the model has one).
+# A static cache is initialised before the first chunk there (`early_initialization`); the eager
+# reference keeps a dynamic cache, whose keys are the sequence's.
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_chunked_prefill_rows_match_eager_probabilities(name: str, cache: str) -> None:
+    steps = 3
+    ids, mask = inputs((40,))
+    eager = build(name, "eager")
+    with capture(eager) as calls:
+        expected = generate(eager, ids, mask, steps, prefill_chunk_size=16)
+    given: dict[str, Any] = {"prefill_chunk_size": 16}
+    if cache == "static":
+        given["cache_implementation"] = "static"
+    sink = measured_generate(build(name, MODELS[name][1]), ids, mask, steps, expected, **given)
+    ends = [16, 32, 40, 41, 42]  # the chunks' last tokens, then the decode steps
+    assert [m.query_position + 1 for m in sink.messages] == ends
+    assert [m.phase for m in sink.messages] == ["prefill"] * 3 + ["decode"] * 2
+    layers = 2
+    for i, (message, end) in enumerate(zip(sink.messages, ends, strict=True)):
+        check(message, calls[i * layers : (i + 1) * layers], 0, np.ones(end, dtype=np.int64))
