@@ -51,7 +51,8 @@ class CacheLengths:
         length = cache.get_seq_length()
         if not isinstance(length, torch.Tensor):
             past = int(length)
-            if past == 0:  # maybe a static layer not yet initialised: its first pass makes the tensor
+            # 0 may be a static layer not yet initialised: its first pass makes the tensor.
+            if past == 0:
                 self._remember(cache, _Seen(None, 0, query_len))
             return past
         version = _version(length)
