@@ -183,7 +183,10 @@ def pass_inputs(
         if isinstance(ids, torch.Tensor) and ids.dim() >= 2
         else None
     )
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    # transformers 5.2x renamed `past_key_values` to `cache`; either may be given, or None
+    cache = kwargs.get("cache")
+    if cache is None:
+        cache = kwargs.get("past_key_values")
     return shape, cache, kwargs.get("attention_mask")
 
 

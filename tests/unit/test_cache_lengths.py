@@ -8,6 +8,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from collector import MemorySink, attach
+from collector.hook import pass_inputs
 from collector.lengths import CacheLengths
 from tests.transformers_compat import cache_keyword
 
@@ -119,3 +120,14 @@ def test_a_pass_that_raised_is_not_counted(model: LlamaForCausalLM) -> None:
         model(input_ids=torch.randint(1, 64, (1, 8)), use_cache=True, **{keyword: cache})
     assert handle.errors == 0
     assert [m.query_position for m in sink.messages] == [11, 7]
+
+
+@pytest.mark.parametrize(
+    "given",
+    [{"cache": "C"}, {"past_key_values": "C"}, {"past_key_values": None, "cache": "C"}],
+    ids=["cache", "past_key_values", "old-name-None"],
+)
+def test_the_cache_is_read_by_either_name(given: dict[str, object]) -> None:
+    """transformers 5.2x renamed `past_key_values` to `cache`; a None under one name hides nothing."""
+    shape, cache, _ = pass_inputs((), {"input_ids": torch.zeros(2, 5), **given})
+    assert shape == (2, 5) and cache == "C"
