@@ -138,8 +138,8 @@ class PassCollector:
         batch, query_len = shape
         if cache is not None and not hasattr(cache, "get_seq_length"):
             # Continuous batching (`generate_batch`, `transformers serve --continuous-batching`)
-            # packs many requests into one pass over a PagedAttentionCache through the "paged|..."
-            # attention functions: there is no per-request row to measure.
+            # packs many requests' tokens into one row over a PagedAttentionCache, with a block
+            # mask: no cache per request, so no request to sample or position to plan.
             self._tell_once(
                 f"passes over a {type(cache).__name__} (continuous batching) are not measured"
             )
