@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -80,16 +81,17 @@ def healthy(url: str) -> bool:
 
 
 @pytest.fixture(name="serve")
-def fixture_serve(model_dir: Path, tmp_path: Path) -> Iterator[Callable[[dict[str, str]], str]]:
-    """Start `headwatch run -- transformers serve <dir>` with extra environment; return its URL."""
+def fixture_serve(model_dir: Path, tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Start `headwatch run -- transformers serve <dir> [server arguments]` with extra
+    environment; return its URL. Its output goes to serve.log in the test's folder."""
     started: list[subprocess.Popen[bytes]] = []
     logs: list[BinaryIO] = []
 
-    def start(env: dict[str, str]) -> str:
+    def start(env: dict[str, str], *server_args: str) -> str:
         port = free_port()
         command = [
             str(BIN / "headwatch"), "run", "--", str(BIN / "transformers"), "serve", str(model_dir),
-            "--host", "127.0.0.1", "--port", str(port),
+            "--host", "127.0.0.1", "--port", str(port), *server_args,
         ]  # fmt: skip
         log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 (closed with the fixture)
         logs.append(log)
@@ -154,7 +156,7 @@ COMMON_ENV = {
 
 
 def test_messages_arrive_in_a_json_lines_file(
-    serve: Callable[[dict[str, str]], str], model_dir: Path, tmp_path: Path
+    serve: Callable[..., str], model_dir: Path, tmp_path: Path
 ) -> None:
     path = tmp_path / "stats.jsonl"
     metrics_port = free_port()
@@ -173,7 +175,7 @@ def test_messages_arrive_in_a_json_lines_file(
 
 
 def test_messages_arrive_in_kafka(
-    serve: Callable[[dict[str, str]], str], model_dir: Path, kafka_bootstrap: str,
+    serve: Callable[..., str], model_dir: Path, kafka_bootstrap: str,
     fresh_topic: Callable[..., str], kafka_consumer_settings: dict[str, Any],
 ) -> None:  # fmt: skip
     from kafka import KafkaConsumer
@@ -198,3 +200,29 @@ def test_messages_arrive_in_kafka(
     finally:
         consumer.close()
     check(received, prompt_tokens, model_dir)
+
+
+def test_continuous_batching_is_served_unmeasured_and_named_once(
+    serve: Callable[..., str], model_dir: Path, tmp_path: Path
+) -> None:
+    """`transformers serve --continuous-batching` packs requests into one row over a paged cache:
+    the server answers, nothing is measured, no hook error is counted, and its log says so once."""
+    path = tmp_path / "stats.jsonl"
+    metrics_port = free_port()
+    url = serve(
+        {
+            **COMMON_ENV, "HEADWATCH_COLLECTOR_SINK": "file",
+            "HEADWATCH_COLLECTOR_FILE_PATH": str(path),
+            "HEADWATCH_COLLECTOR_METRICS_PORT": str(metrics_port),
+        },
+        "--continuous-batching", "--cb-num-blocks", "64", "--cb-max-batch-tokens", "256",
+    )  # fmt: skip
+    assert all(tokens > 0 for tokens in ask(url, model_dir))
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert f'headwatch_collector_hook_enabled{{model_name="{model_dir}"}} 1.0' in text
+    assert not re.search(r"^headwatch_collector_hook_errors_total\{.*\} [1-9]", text, re.M)
+    assert not re.search(r"^headwatch_collector_sampled_total\{.*\} [1-9]", text, re.M)
+    assert not path.exists() or read_jsonl(path) == []
+    log = (tmp_path / "serve.log").read_text(errors="replace")
+    assert log.count("(continuous batching) are not measured") == 1, log[-3000:]
