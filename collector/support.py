@@ -61,6 +61,15 @@ def check_supported(model: nn.Module) -> tuple[str, list[tuple[int, nn.Module]]]
                     f"expected {type(module).__module__} to define eager_attention_forward, got none "
                     f"({type(module).__name__} cannot be measured with attention implementation 'eager')"
                 )
+    devices = sorted({str(p.device) for _, module in modules for p in module.parameters()})
+    if len(devices) > 1:
+        # The statistics of a pass's layers are finished together on one device; a model split
+        # across devices (device_map="auto" on several GPUs, CPU offload) would fail every
+        # sampled pass. Refused here, where it can be named, instead.
+        raise UnsupportedModelError(
+            f"expected the attention layers of {type(model).__name__} on one device, got "
+            f"{', '.join(devices)} (a model split across devices is not measured)"
+        )
     return implementation, _dispatching_modules(model, implementation, modules)
 
 

@@ -64,6 +64,17 @@ def test_encoder_decoder_is_rejected() -> None:
         attach(model, sink=MemorySink())
 
 
+def test_a_model_split_across_devices_is_named() -> None:
+    """device_map="auto" over several GPUs puts layers on several devices (here: the CPU and
+    "meta", the only second device a CPU-only machine has)."""
+    model = llama()
+    model.model.layers[1].to("meta")
+    with pytest.raises(
+        UnsupportedModelError, match=r"on one device, got cpu, meta \(a model split"
+    ):
+        attach(model, sink=MemorySink())
+
+
 def test_detach_restores_every_attention_function() -> None:
     before = {k: ALL_ATTENTION_FUNCTIONS[k] for k in ALL_ATTENTION_FUNCTIONS}
     eager = modeling_llama.eager_attention_forward
