@@ -17,6 +17,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 logger = logging.getLogger(__name__)
 
 DROP_REASONS = ("queue_full", "broker_unavailable", "too_large", "closed")
+# Passes the collector sees but cannot measure: continuous batching (one packed row over a paged
+# cache), and sampled passes that reached no wrapped attention function.
+UNMEASURED_REASONS = ("continuous_batching", "unwrapped_attention")
 
 
 class CollectorMetrics:
@@ -60,6 +63,12 @@ class CollectorMetrics:
             "headwatch_collector_hook_errors",
             "Exceptions caught inside the attention hook",
             ["model_name"],
+            registry=r,
+        )
+        self.unmeasured = Counter(
+            "headwatch_collector_unmeasured_passes",
+            "Forward passes the collector could not measure, by reason",
+            ["model_name", "reason"],
             registry=r,
         )
         self.hook_enabled = Gauge(

@@ -27,7 +27,7 @@ from collector.assemble import Identity, Layout, assemble
 from collector.hook import output_cache, pass_inputs, pass_position_ids
 from collector.lengths import CacheLengths
 from collector.masks import padding_mask, padding_rows
-from collector.metrics import CollectorMetrics
+from collector.metrics import UNMEASURED_REASONS, CollectorMetrics
 from collector.plan import PassPlan, Phase, layer_inputs, plan_rows
 from collector.sampling import RequestState, Sampler
 from collector.schema import HeadStatsMessage
@@ -114,7 +114,11 @@ class PassCollector:
         self._requests: weakref.WeakKeyDictionary[Any, RequestState] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self.lengths = CacheLengths()
-        self._told: set[str] = set()  # what `_tell_once` has logged
+        self._unmeasured = {
+            reason: metrics.unmeasured.labels(model_name=identity.model_name, reason=reason)
+            for reason in UNMEASURED_REASONS
+        }
+        self._told: set[str] = set()  # the reasons `_unmeasured_pass` has logged
 
     # Forward pre-hook of the model: decide, on the host, whether this pass is measured.
     def before_pass(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -140,8 +144,9 @@ class PassCollector:
             # Continuous batching (`generate_batch`, `transformers serve --continuous-batching`)
             # packs many requests' tokens into one row over a PagedAttentionCache, with a block
             # mask: no cache per request, so no request to sample or position to plan.
-            self._tell_once(
-                f"passes over a {type(cache).__name__} (continuous batching) are not measured"
+            self._unmeasured_pass(
+                "continuous_batching",
+                f"passes over a {type(cache).__name__} (continuous batching) are not measured",
             )
             return None
         with self._lock:
@@ -212,10 +217,11 @@ class PassCollector:
         except Exception:
             self.guard.failed(f"statistics of layer {layer}")
 
-    def _tell_once(self, what: str) -> None:
-        """Log a warning the first time `what` happens (the pass is left unmeasured, no error)."""
-        if what not in self._told:
-            self._told.add(what)
+    def _unmeasured_pass(self, reason: str, what: str) -> None:
+        """Count a pass left unmeasured (not an error); log `what` the first time for `reason`."""
+        self._unmeasured[reason].inc()
+        if reason not in self._told:
+            self._told.add(reason)
             logger.warning("headwatch collector: model=%s: %s", self.identity.model_name, what)
 
     def _measure(
@@ -272,10 +278,11 @@ class PassCollector:
                 # The model dispatches to a function the hook did not wrap: its attention
                 # implementation changed after attach (`set_attn_implementation`).
                 implementation = getattr(module.config, "_attn_implementation", None)
-                self._tell_once(
+                self._unmeasured_pass(
+                    "unwrapped_attention",
                     "a sampled pass called no attention function the collector wraps "
                     f"(the model's attention implementation is now {implementation!r}): "
-                    "nothing was measured"
+                    "nothing was measured",
                 )
             elif plan is not None and plan.partials:
                 started = time.perf_counter()

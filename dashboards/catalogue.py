@@ -74,6 +74,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("headwatch_collector_stats_seconds", "histogram", _MODEL),
     Metric("headwatch_collector_hook_errors_total", "counter", _MODEL),
     Metric("headwatch_collector_hook_enabled", "gauge", _MODEL),
+    Metric("headwatch_collector_unmeasured_passes_total", "counter", ("model_name", "reason")),
 )
 
 # Series Prometheus itself writes for every scrape target, and the alert state it records.

@@ -74,7 +74,9 @@ def _collector(dash: db.Dashboard, config: GenerateConfig) -> db.Dashboard:
     dash = dash.with_panel(
         timeseries_panel(
             "Hook errors and hook state",
-            "Exceptions caught inside the attention hook per second; hook enabled (1) or off (0).",
+            "Exceptions caught inside the attention hook per second; hook enabled (1) or off (0); "
+            "passes the collector could not measure per second, by reason (continuous batching, "
+            "an attention function set after attach).",
             [
                 query(
                     f"sum by (model_name) (rate(headwatch_collector_hook_errors_total{M}{RI}))",
@@ -84,6 +86,12 @@ def _collector(dash: db.Dashboard, config: GenerateConfig) -> db.Dashboard:
                     f"min by (model_name) (headwatch_collector_hook_enabled{M})",
                     ref="B",
                     legend="{{model_name}} enabled",
+                ),
+                query(
+                    "sum by (model_name, reason) "
+                    f"(rate(headwatch_collector_unmeasured_passes_total{M}{RI}))",
+                    ref="C",
+                    legend="{{model_name}} unmeasured ({{reason}})/s",
                 ),
             ],
             "short",

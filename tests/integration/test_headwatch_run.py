@@ -223,6 +223,10 @@ def test_continuous_batching_is_served_unmeasured_and_named_once(
     assert f'headwatch_collector_hook_enabled{{model_name="{model_dir}"}} 1.0' in text
     assert not re.search(r"^headwatch_collector_hook_errors_total\{.*\} [1-9]", text, re.M)
     assert not re.search(r"^headwatch_collector_sampled_total\{.*\} [1-9]", text, re.M)
+    unmeasured = (
+        r'^headwatch_collector_unmeasured_passes_total\{.*reason="continuous_batching"\} [1-9]'
+    )
+    assert re.search(unmeasured, text, re.M)
     assert not path.exists() or read_jsonl(path) == []
     log = (tmp_path / "serve.log").read_text(errors="replace")
     assert log.count("(continuous batching) are not measured") == 1, log[-3000:]

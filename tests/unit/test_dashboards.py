@@ -155,6 +155,18 @@ def test_catalogue_matches_docs_metrics_md() -> None:
     assert documented == {m.name for m in METRICS}
 
 
+def test_catalogue_matches_the_collector_metrics() -> None:
+    """The collector's registry (names as exposed, label names) is what the catalogue lists."""
+    from collector.metrics import CollectorMetrics
+
+    exposed = {
+        (family.name + ("_total" if family.type == "counter" else ""), family.type)
+        for family in CollectorMetrics().registry.collect()
+    }
+    catalogued = {(m.name, m.type) for m in METRICS if m.name.startswith("headwatch_collector_")}
+    assert exposed == catalogued
+
+
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_every_shipped_query_parses_as_promql(tmp_path: Path) -> None:
     values = {"model_name": "m", "layer": "0", "head": "0", "datasource": "prom"}

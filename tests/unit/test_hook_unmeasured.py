@@ -18,6 +18,7 @@ from transformers import (
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from collector import MemorySink, attach
+from collector.attach import AttachHandle
 
 CONFIG = LlamaConfig(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -33,6 +34,12 @@ EVERY_PASS: dict[str, Any] = dict(
 def llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     return LlamaForCausalLM._from_config(CONFIG, attn_implementation="sdpa").eval()
+
+
+def unmeasured(handle: AttachHandle, reason: str) -> float:
+    return handle.metrics.value(
+        "headwatch_collector_unmeasured_passes_total", model_name="llama", reason=reason
+    )
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -57,6 +64,7 @@ def test_continuous_batching_is_named_once_and_not_an_error(
             warmup=False,
         )
         assert handle.errors == 0 and sink.messages == []
+        assert unmeasured(handle, "continuous_batching") >= 3  # a prefill and 2 decode steps
         with torch.no_grad():
             model(torch.randint(1, 64, (1, 8)))  # still enabled for plain passes
         assert len(sink.messages) == 1
@@ -80,6 +88,7 @@ def test_an_attention_function_set_after_attach_is_named_once(
                 for _ in range(2):
                     model(torch.randint(1, 64, (1, 8)))
             assert handle.errors == 0 and sink.messages == []
+            assert unmeasured(handle, "unwrapped_attention") == 2
             model.set_attn_implementation("sdpa")
             with torch.no_grad():
                 model(torch.randint(1, 64, (1, 8)))
