@@ -2,7 +2,8 @@
 # The collector's GPU checks in one run, on a machine with one CUDA GPU (about 40 GB free for the
 # Llama-3-8B shape at 64K tokens; about 10 minutes on an H100):
 #   1. the tests marked gpu: no host-device sync on unsampled passes (dynamic and static caches),
-#      one sync per sampled decode step, GPU statistics equal to the CPU's;
+#      one sync per sampled decode step, GPU statistics equal to the CPU's, generate()'s compiled
+#      decode steps (CUDA graphs) unchanged by the hooks;
 #   2. collector_sampled_row.py on CUDA at 4K / 16K / 64K tokens: the tiny model, the
 #      Llama-3.2-1B and Llama-3-8B shapes, and the 8B shape with peaked heads (--key-scale 8).
 # Usage: benchmarks/gpu_check.sh [OUT_DIR]   (default: reports/gpu-check-<UTC time>)

@@ -76,6 +76,8 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         **kwargs: Any,
     ) -> Any:
         result = original(module, query, key, value, attention_mask, *args, **kwargs)
+        if torch.compiler.is_compiling():  # traced by torch.compile: the graph is the kernel's
+            return result
         # A dict lookup, not getattr: nn.Module.__getattr__ is slow on misses.
         probe = module.__dict__.get(_PROBE_ATTR)
         if probe is not None:

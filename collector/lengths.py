@@ -15,6 +15,8 @@ counter on every in-place operation. When the tensor seen now is the one seen at
 that pass touched it, and the length is the previous length plus that pass's query length.
 Anything else (a reset between two `generate()` calls, a crop, a pass on an unwatched model, a
 cache made under `torch.inference_mode`, whose tensors keep no version) reads the tensor once.
+So does a pass after compiled passes (the caller's `epoch` moved): a CUDA graph's replay updates
+the tensor without bumping its version.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class _Seen:
     tensor: torch.Tensor | None
     version: int
     length_after: int
+    epoch: int = 0
 
 
 class CacheLengths:
@@ -45,26 +48,31 @@ class CacheLengths:
         self._lock = threading.Lock()
         self.device_reads = 0  # how many times a length tensor was read (a sync on a GPU)
 
-    def before_pass(self, cache: Any, query_len: int) -> int:
+    def before_pass(self, cache: Any, query_len: int, epoch: int = 0) -> int:
         """Return how many slots `cache` holds before a pass of `query_len` tokens, and remember
-        what the pass will leave it with."""
+        what the pass will leave it with. `epoch`: how many passes ran compiled so far."""
         length = cache.get_seq_length()
         if not isinstance(length, torch.Tensor):
             past = int(length)
             # 0 may be a static layer not yet initialised: its first pass makes the tensor.
             if past == 0:
-                self._remember(cache, _Seen(None, 0, query_len))
+                self._remember(cache, _Seen(None, 0, query_len, epoch))
             return past
         version = _version(length)
         with self._lock:
             seen = self._seen.get(cache)
-        if seen is not None and version is not None and _untouched(seen, length, version):
+        if (
+            seen is not None
+            and version is not None
+            and seen.epoch == epoch
+            and _untouched(seen, length, version)
+        ):
             past = seen.length_after
         else:
             past = int(length)  # the one read of the device
             self.device_reads += 1
         if version is not None:
-            self._remember(cache, _Seen(length, version, past + query_len))
+            self._remember(cache, _Seen(length, version, past + query_len, epoch))
         return past
 
     def forget(self, cache: Any) -> None:

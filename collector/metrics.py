@@ -18,8 +18,8 @@ logger = logging.getLogger(__name__)
 
 DROP_REASONS = ("queue_full", "broker_unavailable", "too_large", "closed")
 # Passes the collector sees but cannot measure: continuous batching (one packed row over a paged
-# cache), and sampled passes that reached no wrapped attention function.
-UNMEASURED_REASONS = ("continuous_batching", "unwrapped_attention")
+# cache), sampled passes that reached no wrapped attention function, and passes run compiled.
+UNMEASURED_REASONS = ("continuous_batching", "unwrapped_attention", "compiled")
 
 
 class CollectorMetrics:

@@ -114,6 +114,8 @@ class PassCollector:
         self._requests: weakref.WeakKeyDictionary[Any, RequestState] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self.lengths = CacheLengths()
+        self.compiled_passes = 0  # passes that ran compiled, unmeasured
+        self._compiled_counted = 0  # of those, how many the unmeasured counter holds
         self._unmeasured = {
             reason: metrics.unmeasured.labels(model_name=identity.model_name, reason=reason)
             for reason in UNMEASURED_REASONS
@@ -122,8 +124,16 @@ class PassCollector:
 
     # Forward pre-hook of the model: decide, on the host, whether this pass is measured.
     def before_pass(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if torch.compiler.is_compiling():
+            # Traced by torch.compile (generate's compiled decode steps on a GPU with a static
+            # cache, `transformers serve --compile`): the hooks trace to this count alone, a side
+            # effect the compiled code replays on every call, so its graph is the bare model's.
+            self.compiled_passes += 1
+            return
         self._local.plan = None
         self._local.pending = None
+        if self.compiled_passes != self._compiled_counted:
+            self._count_compiled()
         if not self.guard.enabled:
             return
         started = time.perf_counter()
@@ -151,7 +161,9 @@ class PassCollector:
             return None
         with self._lock:
             state = self._requests.get(cache) if cache is not None else None
-        past = self.lengths.before_pass(cache, query_len) if cache is not None else 0
+        past = (
+            0 if cache is None else self.lengths.before_pass(cache, query_len, self.compiled_passes)
+        )
         total = past + query_len
         phase: Phase = "prefill"
         if state is None or past == 0:
@@ -217,9 +229,19 @@ class PassCollector:
         except Exception:
             self.guard.failed(f"statistics of layer {layer}")
 
-    def _unmeasured_pass(self, reason: str, what: str) -> None:
-        """Count a pass left unmeasured (not an error); log `what` the first time for `reason`."""
-        self._unmeasured[reason].inc()
+    def _count_compiled(self) -> None:
+        """Add the passes that ran compiled since the last uncompiled one to the unmeasured count."""
+        seen = self.compiled_passes
+        self._unmeasured_pass(
+            "compiled",
+            "passes run under torch.compile are not measured",
+            seen - self._compiled_counted,
+        )
+        self._compiled_counted = seen
+
+    def _unmeasured_pass(self, reason: str, what: str, passes: int = 1) -> None:
+        """Count passes left unmeasured (not an error); log `what` the first time for `reason`."""
+        self._unmeasured[reason].inc(passes)
         if reason not in self._told:
             self._told.add(reason)
             logger.warning("headwatch collector: model=%s: %s", self.identity.model_name, what)
@@ -259,6 +281,8 @@ class PassCollector:
     def after_pass(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
+        if torch.compiler.is_compiling():
+            return
         plan: PassPlan | None = getattr(self._local, "plan", None)
         pending: RequestState | None = getattr(self._local, "pending", None)
         self._local.plan = None

@@ -84,6 +84,19 @@ def test_a_change_after_the_first_pass_is_read(model: LlamaForCausalLM) -> None:
     assert lengths.device_reads == 1
 
 
+def test_a_pass_after_compiled_passes_is_read(model: LlamaForCausalLM) -> None:
+    """A CUDA graph's replay adds to the length without bumping the tensor's version; a change
+    of epoch (passes ran compiled) must read it. The replay is mimicked through `.data`, whose
+    in-place ops leave the tensor's version alone."""
+    cache = StaticCache(config=CONFIG, max_cache_len=48)
+    lengths = CacheLengths()
+    with torch.no_grad():
+        run(model, lengths, cache, 12)
+        cache.layers[0].cumulative_length.data.add_(1)  # one replayed decode step
+        assert lengths.before_pass(cache, 1, epoch=1) == 13
+    assert lengths.device_reads == 1
+
+
 def test_a_cache_made_in_inference_mode_is_read_every_pass(model: LlamaForCausalLM) -> None:
     """Inference tensors keep no version counter: the length is right, at the cost of a read."""
     lengths = CacheLengths()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -119,3 +120,31 @@ def test_a_sampled_decode_step_synchronises_once() -> None:
         hooked = count_syncs(decode)
     assert len(sink.messages) == 2
     assert hooked <= plain + 1
+
+
+def test_compiled_decode_with_cuda_graphs_is_unchanged_and_counted() -> None:
+    """On CUDA `generate()` compiles its decode steps when the cache is static (mode
+    "reduce-overhead": CUDA graphs). The hooks must trace to a count the compiled code replays,
+    leave the logits bitwise equal, and measure the uncompiled prefill."""
+    gpu = model().cuda()
+    ids = torch.randint(0, 64, (1, 64), device="cuda")
+
+    def generate() -> Any:
+        with torch.no_grad():
+            return gpu.generate(
+                ids, max_new_tokens=8, do_sample=False, cache_implementation="static",
+                return_dict_in_generate=True, output_logits=True,
+            )  # fmt: skip
+
+    bare = generate()
+    sink = MemorySink()
+    with attach(
+        gpu, sink=sink, sample_rate=1.0, min_context_tokens=0, decode_every=1,
+        max_sampled_passes_per_second=1000.0,
+    ) as handle:  # fmt: skip
+        hooked = generate()
+        generate()
+        assert handle.collector.compiled_passes == 14  # 7 decode steps per call
+    assert handle.errors == 0
+    assert all(torch.equal(a, b) for a, b in zip(hooked.logits, bare.logits, strict=True))
+    assert [m.phase for m in sink.messages] == ["prefill", "prefill"]
