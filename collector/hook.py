@@ -40,6 +40,31 @@ _installed: dict[tuple[str, str], tuple[Callable[..., Any], Callable[..., Any], 
 _previous_local: dict[str, Callable[..., Any] | None] = {}
 
 
+class _InFlight:
+    """How many measured passes run now, in any thread: while none does, a wrapper returns right
+    after the kernel (one attribute read; under torch.compile a guarded constant)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> None:
+        """A measured pass begins (the model's pre-hook planned it)."""
+        with self._lock:
+            self._count += 1
+            self.active = True
+
+    def leave(self) -> None:
+        """A measured pass ended (the model's forward hook, which runs even when it raised)."""
+        with self._lock:
+            self._count -= 1
+            self.active = self._count > 0
+
+
+MEASURING = _InFlight()
+
+
 class Observer(Protocol):
     """Receives the tensors of an attention call after the kernel ran, and what it returned."""
 
@@ -76,7 +101,9 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         **kwargs: Any,
     ) -> Any:
         result = original(module, query, key, value, attention_mask, *args, **kwargs)
-        if torch.compiler.is_compiling():  # traced by torch.compile: the graph is the kernel's
+        # Traced by torch.compile, the wrapper is the kernel alone: the compiled graph is the
+        # bare model's (its passes go unmeasured; see PassCollector.before_pass).
+        if not MEASURING.active or torch.compiler.is_compiling():
             return result
         # A dict lookup, not getattr: nn.Module.__getattr__ is slow on misses.
         probe = module.__dict__.get(_PROBE_ATTR)

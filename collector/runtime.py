@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from collector.assemble import Identity, Layout, assemble
-from collector.hook import output_cache, pass_inputs, pass_position_ids
+from collector.hook import MEASURING, output_cache, pass_inputs, pass_position_ids
 from collector.lengths import CacheLengths
 from collector.masks import padding_mask, padding_rows
 from collector.metrics import UNMEASURED_REASONS, CollectorMetrics
@@ -130,6 +130,8 @@ class PassCollector:
             # effect the compiled code replays on every call, so its graph is the bare model's.
             self.compiled_passes += 1
             return
+        if getattr(self._local, "plan", None) is not None:  # a pass whose forward hook never ran
+            MEASURING.leave()
         self._local.plan = None
         self._local.pending = None
         if self.compiled_passes != self._compiled_counted:
@@ -143,6 +145,7 @@ class PassCollector:
             self.guard.failed("pass decision")
             return
         if plan is not None:  # planning a measured pass counts as its cost
+            MEASURING.enter()
             plan.stats_seconds += time.perf_counter() - started
 
     def _decide(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> PassPlan | None:
@@ -287,6 +290,8 @@ class PassCollector:
         pending: RequestState | None = getattr(self._local, "pending", None)
         self._local.plan = None
         self._local.pending = None
+        if plan is not None:
+            MEASURING.leave()
         try:
             if output is None:  # the forward raised: the cache may have missed its update
                 _, cache, _ = pass_inputs(args, kwargs)

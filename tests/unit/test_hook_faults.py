@@ -14,7 +14,7 @@ from transformers.models.llama import modeling_llama
 import collector.runtime
 from collector import MemorySink, attach
 from collector.errors import SettingsError, UnsupportedModelError
-from collector.hook import output_cache
+from collector.hook import MEASURING, output_cache
 from tests.transformers_compat import cache_keyword
 
 CONFIG: dict[str, Any] = dict(
@@ -166,6 +166,34 @@ def test_non_finite_values_are_flagged() -> None:
     (message,) = sink.messages
     assert "non_finite" in message.flags
     assert message.valid[0].all()
+
+
+@pytest.mark.parametrize(
+    ("settings", "observed"),
+    [({"min_context_tokens": 10**6}, 0), ({"min_context_tokens": 0}, 2)],
+    ids=["unmeasured", "measured"],
+)
+def test_only_measured_passes_reach_the_observer(
+    monkeypatch: pytest.MonkeyPatch, settings: dict[str, Any], observed: int
+) -> None:
+    """While no measured pass is in flight a wrapper returns right after the kernel; the flag is
+    down again after every pass, one that raised included."""
+    calls: list[int] = []
+    original = collector.runtime.PassCollector.observe
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(collector.runtime.PassCollector, "observe", counted)
+    model = llama()
+    with torch.no_grad(), attach(model, sink=MemorySink(), sample_rate=1.0, **settings) as handle:
+        model(torch.randint(0, 64, (1, 16)))
+        assert len(calls) == observed and not MEASURING.active
+        with pytest.raises(IndexError):
+            model(torch.full((1, 16), 999))  # past the vocabulary: raises in the embedding
+        assert not MEASURING.active
+    assert handle.errors == 0
 
 
 def test_unsampled_passes_do_no_tensor_work(monkeypatch: pytest.MonkeyPatch) -> None:
