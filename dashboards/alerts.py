@@ -89,6 +89,7 @@ def _model_rules(config: GenerateConfig) -> list[AlertRule]:
 def _pipeline_rules(config: GenerateConfig) -> list[AlertRule]:
     a = config.alerts
     drop_w, inv_w = a.collector_dropping.window, a.invalid_messages.window
+    blind_w = a.collector_blind.window
     dropped = f"sum by (model_name) (rate(headwatch_collector_dropped_total[{drop_w}]))"
     published = f"sum by (model_name) (rate(headwatch_collector_published_total[{drop_w}]))"
     return [
@@ -112,6 +113,21 @@ def _pipeline_rules(config: GenerateConfig) -> list[AlertRule]:
             "Attention hook disabled itself in {{ $labels.instance }} ({{ $labels.model_name }})",
             "The collector's attention hook failed repeatedly and turned itself off; the model "
             "still serves, but no statistics are measured on this replica.",
+        ),
+        _rule(
+            config,
+            "HeadwatchCollectorMeasuresNothing",
+            # Compiled passes are left out: generate() compiles only decode steps, and a quiet
+            # replica at a low sample rate may rightly measure no prefill for a while.
+            "sum by (instance, model_name) (rate(headwatch_collector_unmeasured_passes_total"
+            f'{{reason=~"continuous_batching|unwrapped_attention"}}[{blind_w}])) > 0\n'
+            "unless on (instance, model_name)\n"
+            f"sum by (instance, model_name) (rate(headwatch_collector_sampled_total[{blind_w}])) > 0",
+            a.collector_blind,
+            "Collector in {{ $labels.instance }} measures nothing of {{ $labels.model_name }}",
+            "The collector's hook is on, met passes it cannot measure (continuous batching, or "
+            "an attention implementation set after attach) and measured none: the model serves "
+            "unchanged, but this replica sends no statistics. Its log names the reason.",
         ),
         _rule(
             config,

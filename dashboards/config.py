@@ -78,6 +78,14 @@ class LagAlert(AlertTiming):
     messages: int = Field(default=10_000, ge=1, le=10**12)
 
 
+class BlindCollectorAlert(AlertTiming):
+    """A collector that met passes it cannot measure (continuous batching, an attention function
+    it does not wrap) and measured none over `window`."""
+
+    window: Duration = "30m"
+    for_: Duration = Field(default="30m", alias="for")
+
+
 class AlertsConfig(_Frozen):
     """Thresholds of every alert rule; `disabled` names alerts to leave out."""
 
@@ -89,6 +97,7 @@ class AlertsConfig(_Frozen):
     exporter_lag: LagAlert = LagAlert()
     exporter_down: AlertTiming = AlertTiming.model_validate({"for": "5m", "severity": "critical"})
     hook_disabled: AlertTiming = AlertTiming.model_validate({"for": "1m"})
+    collector_blind: BlindCollectorAlert = BlindCollectorAlert()
     disabled: tuple[str, ...] = ()
 
 
