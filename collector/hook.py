@@ -102,8 +102,9 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
     ) -> Any:
         result = original(module, query, key, value, attention_mask, *args, **kwargs)
         # Traced by torch.compile, the wrapper is the kernel alone: the compiled graph is the
-        # bare model's (its passes go unmeasured; see PassCollector.before_pass).
-        if not MEASURING.active or torch.compiler.is_compiling():
+        # bare model's (its passes go unmeasured; see PassCollector.before_pass). Asked first, so
+        # that the trace reads (and guards on) nothing of ours.
+        if torch.compiler.is_dynamo_compiling() or not MEASURING.active:
             return result
         # A dict lookup, not getattr: nn.Module.__getattr__ is slow on misses.
         probe = module.__dict__.get(_PROBE_ATTR)
@@ -212,11 +213,14 @@ def pass_inputs(
         if isinstance(ids, torch.Tensor) and ids.dim() >= 2
         else None
     )
+    return shape, pass_cache(kwargs), kwargs.get("attention_mask")
+
+
+def pass_cache(kwargs: dict[str, Any]) -> Any:
+    """Return the cache a model's forward call was given, or None (it reads no tensor)."""
     # transformers 5.2x renamed `past_key_values` to `cache`; either may be given, or None
     cache = kwargs.get("cache")
-    if cache is None:
-        cache = kwargs.get("past_key_values")
-    return shape, cache, kwargs.get("attention_mask")
+    return kwargs.get("past_key_values") if cache is None else cache
 
 
 def pass_position_ids(kwargs: dict[str, Any]) -> torch.Tensor | None:

@@ -15,8 +15,8 @@ counter on every in-place operation. When the tensor seen now is the one seen at
 that pass touched it, and the length is the previous length plus that pass's query length.
 Anything else (a reset between two `generate()` calls, a crop, a pass on an unwatched model, a
 cache made under `torch.inference_mode`, whose tensors keep no version) reads the tensor once.
-So does a pass after compiled passes (the caller's `epoch` moved): a CUDA graph's replay updates
-the tensor without bumping its version.
+So does the first pass after compiled ones, which `mark_compiled` flags on the cache: a CUDA
+graph's replay updates the tensor without bumping its version.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ class _Seen:
     tensor: torch.Tensor | None
     version: int
     length_after: int
-    epoch: int = 0
 
 
 class CacheLengths:
@@ -48,23 +47,25 @@ class CacheLengths:
         self._lock = threading.Lock()
         self.device_reads = 0  # how many times a length tensor was read (a sync on a GPU)
 
-    def before_pass(self, cache: Any, query_len: int, epoch: int = 0) -> int:
+    def before_pass(self, cache: Any, query_len: int) -> int:
         """Return how many slots `cache` holds before a pass of `query_len` tokens, and remember
-        what the pass will leave it with. `epoch`: how many passes ran compiled so far."""
+        what the pass will leave it with."""
         length = cache.get_seq_length()
         if not isinstance(length, torch.Tensor):
             past = int(length)
             # 0 may be a static layer not yet initialised: its first pass makes the tensor.
             if past == 0:
-                self._remember(cache, _Seen(None, 0, query_len, epoch))
+                self._remember(cache, _Seen(None, 0, query_len))
             return past
         version = _version(length)
         with self._lock:
             seen = self._seen.get(cache)
+        fields = getattr(cache, "__dict__", None)
+        ran_compiled = bool(fields and fields.pop(_RAN_COMPILED, False))
         if (
             seen is not None
             and version is not None
-            and seen.epoch == epoch
+            and not ran_compiled
             and _untouched(seen, length, version)
         ):
             past = seen.length_after
@@ -72,7 +73,7 @@ class CacheLengths:
             past = int(length)  # the one read of the device
             self.device_reads += 1
         if version is not None:
-            self._remember(cache, _Seen(length, version, past + query_len, epoch))
+            self._remember(cache, _Seen(length, version, past + query_len))
         return past
 
     def forget(self, cache: Any) -> None:
@@ -86,6 +87,19 @@ class CacheLengths:
                 self._seen[cache] = seen
         except TypeError:  # a cache that takes no weak reference is read every pass
             pass
+
+
+_RAN_COMPILED = "_headwatch_ran_compiled"
+
+
+def mark_compiled(cache: Any) -> None:
+    """Flag, from a compiled pass, that `cache` was updated where versions may not move.
+
+    Runs inside torch.compile's trace: it stores a constant (reading a value there would make
+    the compiled code guard on it, and recompile when it changes).
+    """
+    if cache is not None and hasattr(cache, "__dict__"):
+        setattr(cache, _RAN_COMPILED, True)
 
 
 def _untouched(seen: _Seen, length: torch.Tensor, version: int) -> bool:

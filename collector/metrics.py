@@ -18,8 +18,9 @@ logger = logging.getLogger(__name__)
 
 DROP_REASONS = ("queue_full", "broker_unavailable", "too_large", "closed")
 # Passes the collector sees but cannot measure: continuous batching (one packed row over a paged
-# cache), sampled passes that reached no wrapped attention function, and passes run compiled.
-UNMEASURED_REASONS = ("continuous_batching", "unwrapped_attention", "compiled")
+# cache), and sampled passes that reached no wrapped attention function. Passes run compiled are
+# not counted: counting inside a trace would make the compiled code recompile on every pass.
+UNMEASURED_REASONS = ("continuous_batching", "unwrapped_attention")
 
 
 class CollectorMetrics:

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from collector.assemble import Identity, Layout, assemble
-from collector.hook import MEASURING, output_cache, pass_inputs, pass_position_ids
-from collector.lengths import CacheLengths
+from collector.hook import MEASURING, output_cache, pass_cache, pass_inputs, pass_position_ids
+from collector.lengths import CacheLengths, mark_compiled
 from collector.masks import padding_mask, padding_rows
 from collector.metrics import UNMEASURED_REASONS, CollectorMetrics
 from collector.plan import PassPlan, Phase, layer_inputs, plan_rows
@@ -114,8 +114,7 @@ class PassCollector:
         self._requests: weakref.WeakKeyDictionary[Any, RequestState] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self.lengths = CacheLengths()
-        self.compiled_passes = 0  # passes that ran compiled, unmeasured
-        self._compiled_counted = 0  # of those, how many the unmeasured counter holds
+        self.saw_compiled = False  # whether a pass ran under torch.compile (unmeasured)
         self._unmeasured = {
             reason: metrics.unmeasured.labels(model_name=identity.model_name, reason=reason)
             for reason in UNMEASURED_REASONS
@@ -124,19 +123,31 @@ class PassCollector:
 
     # Forward pre-hook of the model: decide, on the host, whether this pass is measured.
     def before_pass(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():
             # Traced by torch.compile (generate's compiled decode steps on a GPU with a static
-            # cache, `transformers serve --compile`): the hooks trace to this count alone, a side
-            # effect the compiled code replays on every call, so its graph is the bare model's.
-            self.compiled_passes += 1
+            # cache, `transformers serve --compile`, `model.compile()`): the hooks trace to two
+            # constant stores, which the compiled code replays on every call and guards on
+            # nothing, so its graph is the bare model's. The pass is not measured.
+            self.saw_compiled = True
+            mark_compiled(pass_cache(kwargs))  # no shape read: that would specialise the trace
             return
         if getattr(self._local, "plan", None) is not None:  # a pass whose forward hook never ran
             MEASURING.leave()
         self._local.plan = None
         self._local.pending = None
-        if self.compiled_passes != self._compiled_counted:
-            self._count_compiled()
-        if not self.guard.enabled:
+        # `model.forward = torch.compile(model.forward)`: these hooks run uncompiled but the
+        # attention wrappers are traced. Not measured; the cache's length is read next time.
+        compiled_forward = _compiled_forward(module)
+        if compiled_forward:
+            self.saw_compiled = True
+            mark_compiled(pass_cache(kwargs))
+        if self.saw_compiled and "compiled" not in self._told:
+            self._told.add("compiled")
+            logger.warning(
+                "headwatch collector: model=%s: passes run under torch.compile are not measured",
+                self.identity.model_name,
+            )
+        if compiled_forward or not self.guard.enabled:
             return
         started = time.perf_counter()
         try:
@@ -164,9 +175,7 @@ class PassCollector:
             return None
         with self._lock:
             state = self._requests.get(cache) if cache is not None else None
-        past = (
-            0 if cache is None else self.lengths.before_pass(cache, query_len, self.compiled_passes)
-        )
+        past = 0 if cache is None else self.lengths.before_pass(cache, query_len)
         total = past + query_len
         phase: Phase = "prefill"
         if state is None or past == 0:
@@ -232,19 +241,9 @@ class PassCollector:
         except Exception:
             self.guard.failed(f"statistics of layer {layer}")
 
-    def _count_compiled(self) -> None:
-        """Add the passes that ran compiled since the last uncompiled one to the unmeasured count."""
-        seen = self.compiled_passes
-        self._unmeasured_pass(
-            "compiled",
-            "passes run under torch.compile are not measured",
-            seen - self._compiled_counted,
-        )
-        self._compiled_counted = seen
-
-    def _unmeasured_pass(self, reason: str, what: str, passes: int = 1) -> None:
-        """Count passes left unmeasured (not an error); log `what` the first time for `reason`."""
-        self._unmeasured[reason].inc(passes)
+    def _unmeasured_pass(self, reason: str, what: str) -> None:
+        """Count a pass left unmeasured (not an error); log `what` the first time for `reason`."""
+        self._unmeasured[reason].inc()
         if reason not in self._told:
             self._told.add(reason)
             logger.warning("headwatch collector: model=%s: %s", self.identity.model_name, what)
@@ -284,7 +283,7 @@ class PassCollector:
     def after_pass(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():
             return
         plan: PassPlan | None = getattr(self._local, "plan", None)
         pending: RequestState | None = getattr(self._local, "pending", None)
@@ -332,3 +331,8 @@ class PassCollector:
                 self.guard.succeeded()
         except Exception:
             self.guard.failed("message assembly")
+
+
+def _compiled_forward(model: nn.Module) -> bool:
+    """Whether the model's own `forward` was replaced by a torch.compile'd one."""
+    return hasattr(model.__dict__.get("forward"), "_torchdynamo_orig_callable")

@@ -117,10 +117,10 @@ def _pipeline_rules(config: GenerateConfig) -> list[AlertRule]:
         _rule(
             config,
             "HeadwatchCollectorMeasuresNothing",
-            # Compiled passes are left out: generate() compiles only decode steps, and a quiet
-            # replica at a low sample rate may rightly measure no prefill for a while.
+            # Passes run compiled are not counted there: generate() compiles only decode steps,
+            # and a quiet replica at a low sample rate may rightly measure no prefill for a while.
             "sum by (instance, model_name) (rate(headwatch_collector_unmeasured_passes_total"
-            f'{{reason=~"continuous_batching|unwrapped_attention"}}[{blind_w}])) > 0\n'
+            f"[{blind_w}])) > 0\n"
             "unless on (instance, model_name)\n"
             f"sum by (instance, model_name) (rate(headwatch_collector_sampled_total[{blind_w}])) > 0",
             a.collector_blind,

@@ -76,7 +76,7 @@ def _collector(dash: db.Dashboard, config: GenerateConfig) -> db.Dashboard:
             "Hook errors and hook state",
             "Exceptions caught inside the attention hook per second; hook enabled (1) or off (0); "
             "passes the collector could not measure per second, by reason (continuous batching, "
-            "an attention function set after attach, torch.compile).",
+            "an attention function set after attach).",
             [
                 query(
                     f"sum by (model_name) (rate(headwatch_collector_hook_errors_total{M}{RI}))",

@@ -9,7 +9,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 from collector import MemorySink, attach
 from collector.hook import pass_inputs
-from collector.lengths import CacheLengths
+from collector.lengths import CacheLengths, mark_compiled
 from tests.transformers_compat import cache_keyword
 
 CONFIG = LlamaConfig(
@@ -85,15 +85,17 @@ def test_a_change_after_the_first_pass_is_read(model: LlamaForCausalLM) -> None:
 
 
 def test_a_pass_after_compiled_passes_is_read(model: LlamaForCausalLM) -> None:
-    """A CUDA graph's replay adds to the length without bumping the tensor's version; a change
-    of epoch (passes ran compiled) must read it. The replay is mimicked through `.data`, whose
-    in-place ops leave the tensor's version alone."""
+    """A CUDA graph's replay adds to the length without bumping the tensor's version; the mark a
+    compiled pass leaves on the cache makes the next uncompiled pass read it. The replay is
+    mimicked through `.data`, whose in-place ops leave the tensor's version alone."""
     cache = StaticCache(config=CONFIG, max_cache_len=48)
     lengths = CacheLengths()
     with torch.no_grad():
         run(model, lengths, cache, 12)
         cache.layers[0].cumulative_length.data.add_(1)  # one replayed decode step
-        assert lengths.before_pass(cache, 1, epoch=1) == 13
+        mark_compiled(cache)
+        assert run(model, lengths, cache, 1) == 13
+        assert run(model, lengths, cache, 1) == 14  # the mark is used once
     assert lengths.device_reads == 1
 
 

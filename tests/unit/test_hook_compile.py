@@ -1,5 +1,5 @@
-"""Under torch.compile the hooks trace to nothing but a pass count: the compiled graph is the bare
-model's (no graph break, logits bitwise equal) and those passes are counted as unmeasured.
+"""Under torch.compile the hooks trace to two constant stores: the compiled graph is the bare
+model's (no graph break, no recompile, logits bitwise equal) and those passes go unmeasured.
 
 transformers' `generate()` compiles its decode steps on a GPU when the cache is static (and
 `transformers serve --compile` does); `_compile_all_devices` makes it do so on the CPU here. The
@@ -8,6 +8,7 @@ transformers' `generate()` compiles its decode steps on a GPU when the cache is 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch._dynamo.utils import counters
 from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
 
 from collector import MemorySink, attach
+from collector.hook import output_cache
 
 CONFIG = LlamaConfig(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -45,29 +47,63 @@ def compiled_generate(model: LlamaForCausalLM, ids: torch.Tensor) -> Any:
     config = CompileConfig(backend="eager", mode=None)
     config._compile_all_devices = True  # what a GPU gets without asking
     return model.generate(
-        ids, max_new_tokens=5, do_sample=False, cache_implementation="static",
-        compile_config=config, return_dict_in_generate=True, output_logits=True,
+        ids, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+        cache_implementation="static", compile_config=config, return_dict_in_generate=True,
+        output_logits=True,
     )  # fmt: skip
 
 
-def test_compiled_decode_steps_run_the_bare_graph_and_are_counted() -> None:
+def same(a: Any, b: Any) -> bool:
+    return torch.equal(a.sequences, b.sequences) and all(
+        torch.equal(x, y) for x, y in zip(a.logits, b.logits, strict=True)
+    )
+
+
+def test_compiled_decode_steps_run_the_bare_graph(caplog: pytest.LogCaptureFixture) -> None:
     model = llama()
     ids = torch.randint(1, 64, (1, 40))
     bare = compiled_generate(model, ids)
     sink = MemorySink()
-    with attach(model, sink=sink, **EVERY_PASS) as handle:
+    with (
+        caplog.at_level(logging.WARNING, logger="collector.runtime"),
+        attach(model, sink=sink, **EVERY_PASS) as handle,
+    ):
         hooked = compiled_generate(model, ids)
-        assert handle.collector.compiled_passes == 4  # the decode steps; the prefill runs eagerly
-        compiled_generate(model, ids)  # its eager prefill counts the 4 compiled passes before it
-        counted = handle.metrics.value(
-            "headwatch_collector_unmeasured_passes_total", model_name="llama", reason="compiled"
-        )
-    assert handle.errors == 0
-    assert torch.equal(hooked.sequences, bare.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(hooked.logits, bare.logits, strict=True))
+        assert handle.collector.saw_compiled  # the 4 decode steps; the prefill runs eagerly
+        compiled_generate(model, ids)
+    assert handle.errors == 0 and same(hooked, bare)
     assert [(m.phase, m.query_position) for m in sink.messages] == [("prefill", 39)] * 2
-    assert counted == 4
+    # the compiled steps left their mark: an uncompiled pass on this cache reads its length
+    assert getattr(output_cache(hooked), "_headwatch_ran_compiled", False)
     assert not counters["graph_break"]
+    said = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(said) == 1  # at the second request's prefill
+
+
+def test_full_graphs_without_dynamic_shapes_never_recompile() -> None:
+    """fullgraph=True, dynamic=False (transformers' default on TPU and Neuron): a value the
+    hooks read or a count they kept inside the trace would recompile every step and raise once
+    the recompile limit (8) is hit; 20 decode steps pass it."""
+    model = llama()
+    ids = torch.randint(1, 64, (1, 40))
+    config = CompileConfig(backend="eager", mode=None, fullgraph=True, dynamic=False)
+    config._compile_all_devices = True
+
+    def run() -> Any:
+        return model.generate(
+            ids, max_new_tokens=20, min_new_tokens=20, do_sample=False, cache_implementation="static",
+            compile_config=config, return_dict_in_generate=True, output_logits=True,
+        )  # fmt: skip
+
+    bare = run()
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()  # compile afresh with the hooks
+    counters.clear()
+    with attach(model, sink=MemorySink(), **EVERY_PASS) as handle:
+        hooked = run()
+    assert handle.errors == 0 and same(hooked, bare)
+    assert hooked.sequences.shape[1] == 40 + 20  # 19 compiled decode steps
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_a_compiled_forward_has_no_graph_break_and_the_same_logits() -> None:
@@ -78,6 +114,27 @@ def test_a_compiled_forward_has_no_graph_break_and_the_same_logits() -> None:
         bare = compiled(ids).logits
         with attach(model, sink=MemorySink(), **EVERY_PASS) as handle:
             hooked = compiled(ids).logits
-    assert handle.errors == 0 and handle.collector.compiled_passes == 1
+    assert handle.errors == 0 and handle.collector.saw_compiled
     assert torch.equal(hooked, bare)
     assert not counters["graph_break"]
+
+
+def test_a_forward_compiled_on_its_own_is_not_taken_for_an_unwrapped_attention() -> None:
+    """`model.forward = torch.compile(model.forward)`: the pass hooks run uncompiled, the attention
+    wrappers are traced. Not measured, not counted as an unwrapped attention function."""
+    model = llama()
+    ids = torch.randint(1, 64, (1, 24))
+    model.forward = torch.compile(model.forward, backend="eager")
+    sink = MemorySink()
+    with torch.no_grad():
+        bare = model(ids).logits
+        with attach(model, sink=sink, **EVERY_PASS) as handle:
+            hooked = model(ids).logits
+            unwrapped = handle.metrics.value(
+                "headwatch_collector_unmeasured_passes_total",
+                model_name="llama",
+                reason="unwrapped_attention",
+            )
+    assert handle.errors == 0 and handle.collector.saw_compiled
+    assert unwrapped == 0 and sink.messages == []
+    assert torch.equal(hooked, bare)
