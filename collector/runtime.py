@@ -293,7 +293,7 @@ class PassCollector:
             MEASURING.leave()
         try:
             if output is None:  # the forward raised: the cache may have missed its update
-                _, cache, _ = pass_inputs(args, kwargs)
+                cache = pass_cache(kwargs)
                 if cache is not None:
                     self.lengths.forget(cache)
                 return
