@@ -42,7 +42,8 @@ _previous_local: dict[str, Callable[..., Any] | None] = {}
 
 class _InFlight:
     """How many measured passes run now, in any thread: while none does, a wrapper returns right
-    after the kernel (one attribute read; under torch.compile a guarded constant)."""
+    after the kernel. `active` is the one attribute a wrapper reads (`_count > 0`, kept with it);
+    torch.compile's trace returns before reading it."""
 
     def __init__(self) -> None:
         self.active = False
