@@ -47,6 +47,10 @@ class _InFlight:
 
     def __init__(self) -> None:
         self.active = False
+        # Set by a wrapper inside a compiled graph (a constant the graph stores on every call),
+        # lowered when a measured pass is planned: a measured pass that saw no attention call
+        # but finds it set ran its attention compiled.
+        self.traced = False
         self._count = 0
         self._lock = threading.Lock()
 
@@ -105,7 +109,10 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         # Traced by torch.compile, the wrapper is the kernel alone: the compiled graph is the
         # bare model's (its passes go unmeasured; see PassCollector.before_pass). Asked first, so
         # that the trace reads (and guards on) nothing of ours.
-        if torch.compiler.is_dynamo_compiling() or not MEASURING.active:
+        if torch.compiler.is_dynamo_compiling():
+            MEASURING.traced = True
+            return result
+        if not MEASURING.active:
             return result
         # A dict lookup, not getattr: nn.Module.__getattr__ is slow on misses.
         probe = module.__dict__.get(_PROBE_ATTR)

@@ -115,6 +115,7 @@ class PassCollector:
         self._lock = threading.Lock()
         self.lengths = CacheLengths()
         self.saw_compiled = False  # whether a pass ran under torch.compile (unmeasured)
+        self._attention_compiled = False  # a compiled inner model: passes are not planned
         self._unmeasured = {
             reason: metrics.unmeasured.labels(model_name=identity.model_name, reason=reason)
             for reason in UNMEASURED_REASONS
@@ -123,31 +124,31 @@ class PassCollector:
 
     # Forward pre-hook of the model: decide, on the host, whether this pass is measured.
     def before_pass(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if torch.compiler.is_dynamo_compiling():
-            # Traced by torch.compile (generate's compiled decode steps on a GPU with a static
-            # cache, `transformers serve --compile`, `model.compile()`): the hooks trace to two
-            # constant stores, which the compiled code replays on every call and guards on
-            # nothing, so its graph is the bare model's. The pass is not measured.
-            self.saw_compiled = True
-            mark_compiled(pass_cache(kwargs))  # no shape read: that would specialise the trace
+        if torch.compiler.is_compiling():  # torch.compile's trace, or torch.export's
+            if torch.compiler.is_dynamo_compiling():
+                # Traced by torch.compile (generate's compiled decode steps on a GPU with a
+                # static cache, `transformers serve --compile`, `model.compile()`): the hooks
+                # trace to two constant stores, which the compiled code replays on every call
+                # and guards on nothing, so its graph is the bare model's. Not measured.
+                self.saw_compiled = True
+                mark_compiled(pass_cache(kwargs))  # no shape read: it would specialise the trace
             return
         if getattr(self._local, "plan", None) is not None:  # a pass whose forward hook never ran
             MEASURING.leave()
         self._local.plan = None
         self._local.pending = None
-        # `model.forward = torch.compile(model.forward)`: these hooks run uncompiled but the
-        # attention wrappers are traced. Not measured; the cache's length is read next time.
-        compiled_forward = _compiled_forward(module)
-        if compiled_forward:
-            self.saw_compiled = True
-            mark_compiled(pass_cache(kwargs))
+        # Attention that runs compiled under uncompiled pass hooks (`model.forward =
+        # torch.compile(model.forward)`, `model.model.compile()`), found by `after_pass`.
+        compiled_attention = self._attention_compiled
+        if compiled_attention:
+            mark_compiled(pass_cache(kwargs))  # the next uncompiled pass reads the length
         if self.saw_compiled and "compiled" not in self._told:
             self._told.add("compiled")
             logger.warning(
                 "headwatch collector: model=%s: passes run under torch.compile are not measured",
                 self.identity.model_name,
             )
-        if compiled_forward or not self.guard.enabled:
+        if compiled_attention or not self.guard.enabled:
             return
         started = time.perf_counter()
         try:
@@ -156,6 +157,7 @@ class PassCollector:
             self.guard.failed("pass decision")
             return
         if plan is not None:  # planning a measured pass counts as its cost
+            MEASURING.traced = False  # a compiled graph running this pass's attention sets it
             MEASURING.enter()
             plan.stats_seconds += time.perf_counter() - started
 
@@ -283,7 +285,7 @@ class PassCollector:
     def after_pass(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
-        if torch.compiler.is_dynamo_compiling():
+        if torch.compiler.is_compiling():
             return
         plan: PassPlan | None = getattr(self._local, "plan", None)
         pending: RequestState | None = getattr(self._local, "pending", None)
@@ -302,7 +304,12 @@ class PassCollector:
                 if cache is not None:
                     with self._lock:
                         self._requests[cache] = pending
-            if plan is not None and plan.attention_calls == 0:
+            if plan is not None and plan.attention_calls == 0 and MEASURING.traced:
+                # The attention ran inside a compiled graph while these hooks did not: a forward
+                # or an inner model compiled on its own. Not measured, and from now on not planned.
+                self._attention_compiled = self.saw_compiled = True
+                mark_compiled(pass_cache(kwargs))
+            elif plan is not None and plan.attention_calls == 0:
                 # The model dispatches to a function the hook did not wrap: its attention
                 # implementation changed after attach (`set_attn_implementation`).
                 implementation = getattr(module.config, "_attn_implementation", None)
@@ -331,8 +338,3 @@ class PassCollector:
                 self.guard.succeeded()
         except Exception:
             self.guard.failed("message assembly")
-
-
-def _compiled_forward(model: nn.Module) -> bool:
-    """Whether the model's own `forward` was replaced by a torch.compile'd one."""
-    return hasattr(model.__dict__.get("forward"), "_torchdynamo_orig_callable")

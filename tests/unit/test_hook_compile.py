@@ -119,17 +119,29 @@ def test_a_compiled_forward_has_no_graph_break_and_the_same_logits() -> None:
     assert not counters["graph_break"]
 
 
-def test_a_forward_compiled_on_its_own_is_not_taken_for_an_unwrapped_attention() -> None:
-    """`model.forward = torch.compile(model.forward)`: the pass hooks run uncompiled, the attention
-    wrappers are traced. Not measured, not counted as an unwrapped attention function."""
+def compile_forward(model: LlamaForCausalLM) -> None:
+    model.forward = torch.compile(model.forward, backend="eager")  # type: ignore[method-assign]
+
+
+def compile_inner_model(model: LlamaForCausalLM) -> None:
+    model.model.compile(backend="eager")
+
+
+@pytest.mark.parametrize("compile_part", [compile_forward, compile_inner_model])
+def test_a_part_compiled_on_its_own_is_not_taken_for_an_unwrapped_attention(
+    compile_part: Any,
+) -> None:
+    """`model.forward = torch.compile(model.forward)` or `model.model.compile()`: the pass hooks
+    run uncompiled, the attention inside a compiled graph. Not measured, not counted as an
+    unwrapped attention function."""
     model = llama()
     ids = torch.randint(1, 64, (1, 24))
-    model.forward = torch.compile(model.forward, backend="eager")
     sink = MemorySink()
     with torch.no_grad():
         bare = model(ids).logits
+        compile_part(model)
         with attach(model, sink=sink, **EVERY_PASS) as handle:
-            hooked = model(ids).logits
+            hooked = [model(ids).logits for _ in range(3)]
             unwrapped = handle.metrics.value(
                 "headwatch_collector_unmeasured_passes_total",
                 model_name="llama",
@@ -137,4 +149,17 @@ def test_a_forward_compiled_on_its_own_is_not_taken_for_an_unwrapped_attention()
             )
     assert handle.errors == 0 and handle.collector.saw_compiled
     assert unwrapped == 0 and sink.messages == []
-    assert torch.equal(hooked, bare)
+    assert all(torch.equal(h, bare) for h in hooked)
+
+
+def test_a_non_strict_export_records_none_of_the_hooks() -> None:
+    """torch.export (non-strict: Python runs as usual while it traces) must record the bare
+    model's graph: no planning, no statistics in it."""
+    model = llama()
+    ids = torch.randint(1, 64, (1, 16))
+    inputs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
+    bare = torch.export.export(model, (), inputs, strict=False)
+    with attach(model, sink=MemorySink(), **EVERY_PASS) as handle:
+        hooked = torch.export.export(model, (), inputs, strict=False)
+    assert handle.errors == 0
+    assert len(hooked.graph.nodes) == len(bare.graph.nodes)
