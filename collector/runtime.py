@@ -115,12 +115,12 @@ class PassCollector:
         self._lock = threading.Lock()
         self.lengths = CacheLengths()
         self.saw_compiled = False  # whether a pass ran under torch.compile (unmeasured)
-        self._attention_compiled = False  # a compiled inner model: passes are not planned
+        self._attention_compiled = False  # attention runs compiled under these hooks: no plans
         self._unmeasured = {
             reason: metrics.unmeasured.labels(model_name=identity.model_name, reason=reason)
             for reason in UNMEASURED_REASONS
         }
-        self._told: set[str] = set()  # the reasons `_unmeasured_pass` has logged
+        self._told: set[str] = set()  # what `_tell_once` has logged
 
     # Forward pre-hook of the model: decide, on the host, whether this pass is measured.
     def before_pass(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -142,12 +142,8 @@ class PassCollector:
         compiled_attention = self._attention_compiled
         if compiled_attention:
             mark_compiled(pass_cache(kwargs))  # the next uncompiled pass reads the length
-        if self.saw_compiled and "compiled" not in self._told:
-            self._told.add("compiled")
-            logger.warning(
-                "headwatch collector: model=%s: passes run under torch.compile are not measured",
-                self.identity.model_name,
-            )
+        if self.saw_compiled:
+            self._tell_once("compiled", "passes run under torch.compile are not measured")
         if compiled_attention or not self.guard.enabled:
             return
         started = time.perf_counter()
@@ -246,8 +242,12 @@ class PassCollector:
     def _unmeasured_pass(self, reason: str, what: str) -> None:
         """Count a pass left unmeasured (not an error); log `what` the first time for `reason`."""
         self._unmeasured[reason].inc()
-        if reason not in self._told:
-            self._told.add(reason)
+        self._tell_once(reason, what)
+
+    def _tell_once(self, key: str, what: str) -> None:
+        """Log a warning the first time `key` comes up."""
+        if key not in self._told:
+            self._told.add(key)
             logger.warning("headwatch collector: model=%s: %s", self.identity.model_name, what)
 
     def _measure(
@@ -304,12 +304,14 @@ class PassCollector:
                 if cache is not None:
                     with self._lock:
                         self._requests[cache] = pending
-            if plan is not None and plan.attention_calls == 0 and MEASURING.traced:
+            if plan is None:
+                return
+            if plan.attention_calls == 0 and MEASURING.traced:
                 # The attention ran inside a compiled graph while these hooks did not: a forward
                 # or an inner model compiled on its own. Not measured, and from now on not planned.
                 self._attention_compiled = self.saw_compiled = True
                 mark_compiled(pass_cache(kwargs))
-            elif plan is not None and plan.attention_calls == 0:
+            elif plan.attention_calls == 0:
                 # The model dispatches to a function the hook did not wrap: its attention
                 # implementation changed after attach (`set_attn_implementation`).
                 implementation = getattr(module.config, "_attn_implementation", None)
@@ -319,7 +321,7 @@ class PassCollector:
                     f"(the model's attention implementation is now {implementation!r}): "
                     "nothing was measured",
                 )
-            elif plan is not None and plan.partials:
+            elif plan.partials:
                 started = time.perf_counter()
                 layers = sorted(plan.partials)
                 partials = [plan.partials[layer] for layer in layers]
