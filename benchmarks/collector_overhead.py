@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/collector_overhead.py [--tokens 512] [--repeats 40] [--save]
+    python benchmarks/collector_overhead.py --device cuda --geometry llama3.2-1b --tokens 4096
 
 Each "request" is one prefill forward pass of `--tokens` tokens. Variants run in alternation
 (no hook; hook installed but the pass unsampled; sample_rate 0.01 with the default budget;
@@ -30,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import llama, report
+from collector_sampled_row import GEOMETRIES
 
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "no_hook": None,
@@ -92,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 steadies timings)")
+    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args(argv)
 
@@ -101,8 +106,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from collector import MemorySink, attach
 
-    model = llama(hidden=256, layers=4, heads=8, kv_heads=2, head_dim=32, positions=4096)
-    ids = torch.randint(0, 256, (1, args.tokens))
+    layers, hidden, heads, kv_heads, head_dim, intermediate, vocab = GEOMETRIES[args.geometry]
+    device = args.device
+    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+    model = llama(
+        hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        intermediate=intermediate, vocab=vocab, device=device, dtype=dtype,
+    )  # fmt: skip
+    # on CUDA each pass is timed from an idle device to its last kernel's end
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    ids = torch.randint(0, vocab, (1, args.tokens), device=device)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     sink = MemorySink()
     with torch.no_grad():
@@ -114,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                     if overrides is None
                     else attach(model, sink=sink, seed=len(times[name]), **overrides)
                 )
+                synchronize()
                 started = time.perf_counter()
                 model(ids)
+                synchronize()
                 times[name].append(time.perf_counter() - started)
                 if handle is not None:
                     handle.close()
@@ -128,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     def throughput_overhead(name: str) -> float:
         return round(sum(times[name]) / sum(times["no_hook"]) - 1, 4)
 
-    cost = hook_cost(model, ids, layers=4)
+    cost = hook_cost(model, ids, layers=layers)
     isolated = cost["total_seconds_per_pass"] / median["no_hook"]
     sampled_extra = (median["rate_1.0"] - median["no_hook"]) / median["no_hook"]
     result = {
@@ -136,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         "sampled_pass_extra": round(sampled_extra, 4),
         "rate_0.01_overhead_composed": round(isolated + 0.01 * sampled_extra, 5),
         "hook_cost": {k: f"{v * 1e6:.2f} us" for k, v in cost.items()},
-        "model": f"llama 4 layers, hidden 256, 8 query / 2 KV heads, fp32, prefill of {args.tokens} tokens",
+        "model": (
+            f"llama ({args.geometry}) {layers} layers, hidden {hidden}, {heads} query / "
+            f"{kv_heads} KV heads, {dtype}, prefill of {args.tokens} tokens"
+        ),
         "forward_seconds": {k: round(v, 5) for k, v in median.items()},
         "unsampled_overhead": overhead("unsampled"),
         "rate_0.01_overhead": overhead("rate_0.01"),
@@ -146,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         "throughput_requests_per_second": {k: round(len(v) / sum(v), 2) for k, v in times.items()},
         "messages": len(sink.messages),
     }
-    return report("collector_overhead", result, args.save)
+    stem = "collector_overhead"
+    if args.geometry != "tiny":
+        stem += f"_{args.geometry}"
+    if device != "cpu":
+        stem += f"_{device.split(':')[0]}"
+    return report("collector_overhead", result, args.save, file_stem=stem, device=device)
 
 
 if __name__ == "__main__":

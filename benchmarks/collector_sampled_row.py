@@ -32,6 +32,7 @@ import inspect
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 steadies timings)")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="ROWS",
+        help="after the timings, profile one plain and one measured step at the last context and "
+        "print their ROWS costliest operations (device time on CUDA) to stderr",
+    )  # fmt: skip
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args(argv)
 
@@ -141,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             }
             print(context, rows[str(context)], file=sys.stderr)
+            if args.profile and context == args.contexts[-1]:
+                profile(step, "plain step", device, args.profile)
+                with attach(model, sink=sink, sample_rate=1.0, min_context_tokens=0,
+                            max_sampled_passes_per_second=1e6):  # fmt: skip
+                    profile(step, "step with its row measured", device, args.profile)
             del cache
     worst = max(r["ratio"] for r in rows.values())
     stem = "collector_sampled_row"
@@ -165,6 +176,30 @@ def main(argv: list[str] | None = None) -> int:
         file_stem=stem,
         device=device,
     )
+
+
+def profile(step: Callable[[], float], title: str, device: str, rows: int) -> None:
+    """Print to stderr the `rows` costliest operations of one `step` and its host-device syncs."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profiler(activities=activities) as prof:
+        seconds = step()
+    events = prof.key_averages()
+    syncs = {
+        event.key: event.count
+        for event in events
+        if event.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+    }
+    kernels = sum(event.count for event in events if event.key == "cudaLaunchKernel")
+    print(
+        f"profile of one {title}: {seconds * 1e3:.2f} ms, {kernels} kernel launches, syncs {syncs}",
+        file=sys.stderr,
+    )
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(events.table(sort_by=sort_by, row_limit=rows), file=sys.stderr)
 
 
 if __name__ == "__main__":
