@@ -22,7 +22,9 @@ weights and cache as a served model does, while the tiny model is the worst case
 `--geometry llama3-8b` builds a random-weight model of Llama-3-8B's shape (32 layers, hidden 4096,
 32 query / 8 KV heads of 128, MLP 14336, vocabulary 128256; 16 GB in bf16) directly on the
 device: the decode step then reads the weights and the cache as a real one does. On CUDA every
-timing is bracketed by `torch.cuda.synchronize()`.
+timing is bracketed by `torch.cuda.synchronize()`, and `plain_step_peak_mib` /
+`measured_step_peak_mib` are the largest peaks of device memory a step allocated above what was
+allocated before it (the collector's working memory is their difference).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import llama, report
 
+# the bound's contexts; results at others are saved under their own name
+DEFAULT_CONTEXTS = [4096, 16384, 65536]
 # name: (layers, hidden, heads, kv_heads, head_dim, intermediate, vocab)
 GEOMETRIES = {
     "tiny": (4, 256, 8, 2, 32, 512, 256),
@@ -49,7 +53,7 @@ GEOMETRIES = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--contexts", type=int, nargs="+", default=DEFAULT_CONTEXTS)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="tiny")
     parser.add_argument("--layers", type=int, default=None, help="override the geometry's layers")
@@ -81,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
         intermediate=intermediate, vocab=vocab, device=device, dtype=dtype,
     )  # fmt: skip
-    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    cuda = device.startswith("cuda")
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+    peaks: list[int] = []  # on CUDA: each step's peak allocation above its start, in bytes
     # transformers renamed `past_key_values` to `cache` in 5.2x; an unknown keyword would be
     # swallowed by **kwargs and the step would run with no cache at all
     cache_kw = (
@@ -105,14 +111,20 @@ def main(argv: list[str] | None = None) -> int:
                 position: torch.Tensor = position,
             ) -> float:
                 synchronize()
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                    peaks.append(-torch.cuda.memory_allocated())
                 started = time.perf_counter()
                 model(token, position_ids=position, use_cache=True, **{cache_kw: cache})
                 synchronize()
                 elapsed = time.perf_counter() - started
+                if cuda:  # what the step held beyond what was allocated before it
+                    peaks[-1] += torch.cuda.max_memory_allocated()
                 cache.crop(-1)
                 return elapsed
 
             plain, measured, stats = [], [], []
+            peaks.clear()
             sink = MemorySink()
             for _ in range(args.repeats + 1):
                 plain.append(step())
@@ -146,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                     statistics.median((m - p) / p for m, p in zip(measured, plain, strict=True)), 3
                 ),
             }
+            if cuda:  # the largest step peaks of each kind (plain, measured steps alternate)
+                rows[str(context)]["plain_step_peak_mib"] = round(max(peaks[0::2]) / 2**20, 1)
+                rows[str(context)]["measured_step_peak_mib"] = round(max(peaks[1::2]) / 2**20, 1)
             print(context, rows[str(context)], file=sys.stderr)
             if args.profile and context == args.contexts[-1]:
                 profile(step, "plain step", device, args.profile)
@@ -161,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         stem += f"_{args.geometry}"
     if device != "cpu":
         stem += f"_{device.split(':')[0]}"
+    if args.contexts != DEFAULT_CONTEXTS:
+        stem += "_ctx" + "-".join(map(str, args.contexts))
     return report(
         "collector_sampled_row",
         {

@@ -17,7 +17,7 @@ The package, in reading order:
 - `layer`: `layer_pass`, the general path (below);
 - `batch`: `PassBatch`, the base of the two batches below, in which a pass's layers queue work
   that one flush does later (a failed flush fails the pass: its layers' tensors stay unfilled);
-- `device`: `device_pass`, taken on a device by a layer whose keys fit one chunk (up to 72K keys
+- `device`: `device_pass`, taken on a device by a layer whose keys fit one chunk (up to 147K keys
   by default) and that has no learned sink logits. A serving process launches the kernels one by
   one from Python, so their number is the cost: a layer launches its q.k (16-bit keys multiplied
   as they are into float32), the float32 copy of its values, its p.V (split over blocks of keys)

@@ -39,7 +39,8 @@ class StatsSpec:
 
     top_k: tuple[int, ...] = DEFAULT_TOP_K
     mass_target: float = 0.9
-    chunk_keys: int = 65536
+    # 128K-token contexts in one chunk (the sync-free device path); see collector.settings
+    chunk_keys: int = 131072
     # How many of the largest middle keys (visible, outside the sink+recent keep-set) to report
     # by index; 0 (the default) computes nothing for them.
     middle_keys: int = 0

@@ -120,6 +120,17 @@ def test_chunks_cover_the_keys_with_the_remainder_first(keys: int, chunk: int, c
     assert all(stop - start == chunk for start, stop in bounds[1:])
 
 
+@pytest.mark.parametrize("keys", [4097, 65537, 131073, 147455])
+def test_default_chunk_holds_a_128k_context_in_one_chunk(keys: int) -> None:
+    """A decode row at up to 128K tokens of context (and 1/8 more) is one chunk by default: one-
+    chunk layers take the sync-free device path on a GPU, where two chunks cost about 2-4x as
+    much (H200). The settings and the statistics' own default agree."""
+    from collector.settings import CollectorSettings
+
+    assert CollectorSettings().chunk_keys == StatsSpec().chunk_keys
+    assert len(chunk_bounds(keys, StatsSpec().chunk_keys)) == 1
+
+
 @pytest.mark.parametrize("masked", [0, 19_000], ids=["all-visible", "few-visible"])
 def test_long_rows_take_the_block_maximum_bound_for_the_top_k(masked: int) -> None:
     """20,000 keys (>= 64 x 256): the top-k is gathered above a bound, or directly when masked keys tie."""
