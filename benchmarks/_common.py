@@ -14,6 +14,13 @@ HERE = Path(__file__).resolve().parent
 BOUNDS = HERE / "bounds.json"
 RESULTS = HERE / "results"
 
+# name: (layers, hidden, heads, kv_heads, head_dim, intermediate, vocab)
+GEOMETRIES = {
+    "tiny": (4, 256, 8, 2, 32, 512, 256),
+    "llama3.2-1b": (16, 2048, 32, 8, 64, 8192, 128256),
+    "llama3-8b": (32, 4096, 32, 8, 128, 14336, 128256),
+}
+
 
 def llama(
     hidden: int,
@@ -43,6 +50,19 @@ def llama(
             config, attn_implementation="sdpa", dtype=getattr(torch, dtype)
         )
     return model.eval()
+
+
+def geometry_llama(
+    geometry: str, device: str = "cpu", dtype: str | None = None, layers: int | None = None
+) -> Any:
+    """Return `llama()` of one of `GEOMETRIES` (`layers` overrides its layers) on `device`, in
+    `dtype` (default: float32 on the CPU, bfloat16 on a device); `model.dtype` says which."""
+    n, hidden, heads, kv_heads, head_dim, intermediate, vocab = GEOMETRIES[geometry]
+    return llama(
+        hidden=hidden, layers=layers or n, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        intermediate=intermediate, vocab=vocab, device=device,
+        dtype=dtype or ("float32" if device == "cpu" else "bfloat16"),
+    )  # fmt: skip
 
 
 def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

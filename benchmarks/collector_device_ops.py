@@ -5,12 +5,12 @@ Usage:
 
 On a GPU a serving process launches its kernels one by one from Python: up to 16K keys the
 launches, not the arithmetic, set the cost of a decode step and of the collector's work on it
-(the H100 profiles in the README). This script counts them where no GPU is at hand. It forces
-the statistics onto their device path (`collector.topk.on_host` answers no, as on a GPU) and
-counts, with a torch dispatch mode, the aten operations of a plain decode step and of the same
-step with its row measured, by where they run: the pass's inputs (`layer_inputs`), the layers
-(`layer_pass`), `finish` (with the batches it flushes) and message assembly. Views, and
-conversions that return their input, launch nothing and are left out.
+(`collector_sampled_row.py --profile` on CUDA shows it). This script counts them where no GPU
+is at hand. It forces the statistics onto their device path (`collector.topk.on_host` answers
+no, as on a GPU) and counts, with a torch dispatch mode, the aten operations of a plain decode
+step and of the same step with its row measured, by where they run: the pass's inputs
+(`layer_inputs`), the layers (`layer_pass`), `finish` (with the batches it flushes) and message
+assembly. Views, and conversions that return their input, launch nothing and are left out.
 
 Where the CPU differs from CUDA: 16-bit q.k takes float32 copies on the CPU
 (`collector.stats.products._bmm_float32`), two operations per layer that CUDA does not launch
@@ -31,8 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import llama, report
-from collector_sampled_row import GEOMETRIES
+from _common import GEOMETRIES, llama, report
 
 # Operations that make views (or nothing) and launch no kernel.
 VIEWS = frozenset(

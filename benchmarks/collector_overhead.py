@@ -30,8 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import llama, report
-from collector_sampled_row import GEOMETRIES
+from _common import GEOMETRIES, geometry_llama, report
 
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "no_hook": None,
@@ -106,13 +105,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from collector import MemorySink, attach
 
-    layers, hidden, heads, kv_heads, head_dim, intermediate, vocab = GEOMETRIES[args.geometry]
     device = args.device
-    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
-    model = llama(
-        hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-        intermediate=intermediate, vocab=vocab, device=device, dtype=dtype,
-    )  # fmt: skip
+    model = geometry_llama(args.geometry, device, args.dtype)
+    config = model.config
+    layers, hidden, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    dtype = str(model.dtype).removeprefix("torch.")
     # on CUDA each pass is timed from an idle device to its last kernel's end
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     ids = torch.randint(0, vocab, (1, args.tokens), device=device)
@@ -152,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         "rate_0.01_overhead_composed": round(isolated + 0.01 * sampled_extra, 5),
         "hook_cost": {k: f"{v * 1e6:.2f} us" for k, v in cost.items()},
         "model": (
-            f"llama ({args.geometry}) {layers} layers, hidden {hidden}, {heads} query / "
-            f"{kv_heads} KV heads, {dtype}, prefill of {args.tokens} tokens"
+            f"llama ({args.geometry}) {layers} layers, hidden {hidden}, "
+            f"{config.num_attention_heads} query / {config.num_key_value_heads} KV heads, {dtype}, "
+            f"prefill of {args.tokens} tokens"
         ),
         "forward_seconds": {k: round(v, 5) for k, v in median.items()},
         "unsampled_overhead": overhead("unsampled"),

@@ -39,16 +39,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import llama, report
+from _common import GEOMETRIES, geometry_llama, report
 
 # the bound's contexts; results at others are saved under their own name
 DEFAULT_CONTEXTS = [4096, 16384, 65536]
-# name: (layers, hidden, heads, kv_heads, head_dim, intermediate, vocab)
-GEOMETRIES = {
-    "tiny": (4, 256, 8, 2, 32, 512, 256),
-    "llama3.2-1b": (16, 2048, 32, 8, 64, 8192, 128256),
-    "llama3-8b": (32, 4096, 32, 8, 128, 14336, 128256),
-}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,14 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     from collector import MemorySink, attach
     from collector.metrics import CollectorMetrics
 
-    layers, hidden, heads, kv_heads, head_dim, intermediate, vocab = GEOMETRIES[args.geometry]
-    layers = args.layers or layers
     device = args.device
-    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
-    model = llama(
-        hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-        intermediate=intermediate, vocab=vocab, device=device, dtype=dtype,
+    model = geometry_llama(args.geometry, device, args.dtype, args.layers)
+    layers, heads, kv_heads, head_dim = (
+        model.config.num_hidden_layers, model.config.num_attention_heads,
+        model.config.num_key_value_heads, model.config.head_dim,
     )  # fmt: skip
+    dtype = str(model.dtype).removeprefix("torch.")
     cuda = device.startswith("cuda")
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     peaks: list[int] = []  # on CUDA: each step's peak allocation above its start, in bytes
