@@ -65,6 +65,13 @@ def geometry_llama(
     )  # fmt: skip
 
 
+def shape_suffix(geometry: str, device: str) -> str:
+    """The part of a result's file name that says where it ran: `_<geometry>` unless the tiny
+    model, `_<device type>` unless the CPU (`_llama3-8b_cuda`)."""
+    suffix = "" if geometry == "tiny" else f"_{geometry}"
+    return suffix if device == "cpu" else f"{suffix}_{device.split(':')[0]}"
+
+
 def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Return the median seconds of each run, measured in alternation so that drift hits all alike."""
     times: dict[str, list[float]] = {name: [] for name in runs}

@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import GEOMETRIES, geometry_llama, report
+from _common import GEOMETRIES, geometry_llama, report, shape_suffix
 
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "no_hook": None,
@@ -162,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "throughput_requests_per_second": {k: round(len(v) / sum(v), 2) for k, v in times.items()},
         "messages": len(sink.messages),
     }
-    stem = "collector_overhead"
-    if args.geometry != "tiny":
-        stem += f"_{args.geometry}"
-    if device != "cpu":
-        stem += f"_{device.split(':')[0]}"
+    stem = "collector_overhead" + shape_suffix(args.geometry, device)
     return report("collector_overhead", result, args.save, file_stem=stem, device=device)
 
 

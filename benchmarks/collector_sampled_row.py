@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import GEOMETRIES, geometry_llama, report
+from _common import GEOMETRIES, geometry_llama, report, shape_suffix
 
 # the bound's contexts; results at others are saved under their own name
 DEFAULT_CONTEXTS = [4096, 16384, 65536]
@@ -165,10 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = "collector_sampled_row"
     if args.key_scale != 1.0:
         stem += f"_keys_x{args.key_scale:g}"
-    if args.geometry != "tiny":
-        stem += f"_{args.geometry}"
-    if device != "cpu":
-        stem += f"_{device.split(':')[0]}"
+    stem += shape_suffix(args.geometry, device)
     if args.contexts != DEFAULT_CONTEXTS:
         stem += "_ctx" + "-".join(map(str, args.contexts))
     return report(
