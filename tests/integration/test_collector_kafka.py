@@ -34,13 +34,13 @@ def fixture_own_broker(stack_paths: StackPaths, tmp_path: Path) -> Iterator[OwnB
 
 
 class Load:
-    """Publishes a message every `interval` seconds on its own thread; records the slowest publish()."""
+    """Publishes a message every `interval` seconds on its own thread; records how long each
+    publish() took."""
 
     def __init__(self, sink: KafkaSink, interval: float) -> None:
         self.sink = sink
         self.interval = interval
-        self.slowest = 0.0
-        self.sent = 0
+        self.durations: list[float] = []
         self._stop = threading.Event()
         self._template = message(32, 32)
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -49,8 +49,7 @@ class Load:
         while not self._stop.is_set():
             started = time.perf_counter()
             self.sink.publish(self._template)
-            self.slowest = max(self.slowest, time.perf_counter() - started)
-            self.sent += 1
+            self.durations.append(time.perf_counter() - started)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> Load:
@@ -60,6 +59,20 @@ class Load:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
+
+    def assert_never_blocked(self, settings: KafkaSettings) -> None:
+        """publish() never waited on the broker.
+
+        A publish that waited would wait out the reconnect backoff or the request timeout (0.5 s and
+        3 s here), and most publishes would be slow. On a loaded two-core machine, where the broker's
+        JVM starts alongside, a publish is now and then descheduled for tens of milliseconds: that
+        is not the sink blocking, so the bound on the slowest is half the backoff.
+        """
+        durations = sorted(self.durations)
+        assert durations, "no publish ran"
+        median, slowest = durations[len(durations) // 2], durations[-1]
+        assert median < 0.002, f"publish() took {median * 1000:.1f} ms (median)"
+        assert slowest < settings.reconnect_backoff_seconds / 2, f"publish() blocked {slowest:.3f}s"
 
 
 def test_broker_absent_killed_and_restarted(own_broker: OwnBroker) -> None:
@@ -80,28 +93,31 @@ def test_broker_absent_killed_and_restarted(own_broker: OwnBroker) -> None:
             for r in ("queue_full", "broker_unavailable")
         )
 
-    with Load(sink, interval=0.005) as load:
-        # Broker down at start: the queue fills to its cap, then drops are counted.
-        wait_until(lambda: dropped() > 0, 30, message="drops while no broker exists")
-        assert sink.queued[1] <= settings.queue_max_bytes
-        own_broker.start()
-        wait_until(lambda: published() > 50, 120, message="publishing after the broker came up")
-        # Broker killed mid-run.
-        own_broker.kill()
-        at_kill, drops_at_kill = published(), dropped()
-        wait_until(
-            lambda: dropped() > drops_at_kill + 50, 60, message="drops while the broker is dead"
-        )
-        assert sink.queued[1] <= settings.queue_max_bytes
-        assert sink.in_flight_bytes <= settings.producer_buffer_bytes + 64 * 1024
-        own_broker.start()
-        wait_until(
-            lambda: published() > at_kill + 50, 120, message="publishing resumed after restart"
-        )
-    assert load.slowest < 0.05, f"publish() blocked for {load.slowest:.3f}s"
-    started = time.perf_counter()
-    sink.close()
-    assert time.perf_counter() - started < settings.flush_timeout_seconds + 2
+    try:
+        with Load(sink, interval=0.005) as load:
+            # Broker down at start: the queue fills to its cap, then drops are counted.
+            wait_until(lambda: dropped() > 0, 30, message="drops while no broker exists")
+            assert sink.queued[1] <= settings.queue_max_bytes
+            own_broker.start()
+            wait_until(lambda: published() > 50, 120, message="publishing after the broker came up")
+            # Broker killed mid-run.
+            own_broker.kill()
+            at_kill, drops_at_kill = published(), dropped()
+            wait_until(
+                lambda: dropped() > drops_at_kill + 50, 60, message="drops while the broker is dead"
+            )
+            assert sink.queued[1] <= settings.queue_max_bytes
+            assert sink.in_flight_bytes <= settings.producer_buffer_bytes + 64 * 1024
+            own_broker.start()
+            wait_until(
+                lambda: published() > at_kill + 50, 120, message="publishing resumed after restart"
+            )
+        load.assert_never_blocked(settings)
+        started = time.perf_counter()
+        sink.close()
+        assert time.perf_counter() - started < settings.flush_timeout_seconds + 2
+    finally:
+        sink.close()  # a failed assertion must not leave the publisher thread reconnecting
 
     from kafka import KafkaConsumer
 

@@ -29,20 +29,31 @@ def fixture_port_in_use() -> Iterator[int]:
         yield int(listener.getsockname()[1])
 
 
-def publisher_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "headwatch-publisher" and t.is_alive()]
+def publisher_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "headwatch-publisher" and t.is_alive()}
+
+
+@pytest.fixture(name="before")
+def fixture_before() -> dict[str, Any]:
+    """What exists before the test: the attention functions, and publisher threads (of other
+    tests' sinks, which this test must neither count nor close)."""
+    return {
+        "functions": {k: ALL_ATTENTION_FUNCTIONS[k] for k in ALL_ATTENTION_FUNCTIONS},
+        "publishers": publisher_threads(),
+    }
 
 
 def assert_nothing_left(model: torch.nn.Module, before: dict[str, Any]) -> None:
-    assert {k: ALL_ATTENTION_FUNCTIONS[k] for k in ALL_ATTENTION_FUNCTIONS} == before
+    assert {k: ALL_ATTENTION_FUNCTIONS[k] for k in ALL_ATTENTION_FUNCTIONS} == before["functions"]
     assert not any("_headwatch_probe" in m.__dict__ for m in model.modules())
     assert not model._forward_pre_hooks and not model._forward_hooks
-    assert publisher_threads() == []
+    assert publisher_threads() - before["publishers"] == set()
 
 
-def test_a_metrics_port_in_use_is_named_and_nothing_stays_attached(port_in_use: int) -> None:
+def test_a_metrics_port_in_use_is_named_and_nothing_stays_attached(
+    port_in_use: int, before: dict[str, Any]
+) -> None:
     model = llama()
-    before = {k: ALL_ATTENTION_FUNCTIONS[k] for k in ALL_ATTENTION_FUNCTIONS}
     with pytest.raises(SettingsError, match=f"metrics_port: .* on 127.0.0.1, got {port_in_use}"):
         attach(model, sink="kafka", kafka=UNREACHABLE_KAFKA, metrics_port=port_in_use)
     assert_nothing_left(model, before)
@@ -61,7 +72,7 @@ class RecordingSink(MemorySink):
 
 @pytest.mark.parametrize("sink", ["kafka", "caller's"])
 def test_a_failing_late_step_undoes_every_earlier_one(
-    sink: str, monkeypatch: pytest.MonkeyPatch
+    sink: str, monkeypatch: pytest.MonkeyPatch, before: dict[str, Any]
 ) -> None:
     """The second layer's probe fails: the first's probe, the wrappers and (a sink attach built)
     the publisher thread go; the caller's sink stays open."""
@@ -76,7 +87,6 @@ def test_a_failing_late_step_undoes_every_earlier_one(
 
     monkeypatch.setattr(collector.attach, "set_probe", failing_on_the_second)
     model = llama()
-    before = {k: ALL_ATTENTION_FUNCTIONS[k] for k in ALL_ATTENTION_FUNCTIONS}
     given = RecordingSink()
     with pytest.raises(RuntimeError, match="probe refused"):
         if sink == "kafka":
